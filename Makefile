@@ -1,0 +1,35 @@
+# gpupool — every target creates and reuses .venv on its own.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint typecheck bench bench-quick clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m gpupool.demo
+
+lint: venv
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python -m bench.run
+
+bench-quick: venv
+	$(BIN)/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The client side: lives inside the user's process."""

@@ -1,0 +1,110 @@
+"""Registers the `gpupool` PyTorch device (PrivateUse1) and its device module `torch.gpupool`.
+
+Note: this must run before the first `backward()` in the process — the autograd engine reads
+the device guard once. `gpupool.connect()` and `gpupool run` call `install()` first thing.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+_installed = False
+_lock = threading.Lock()
+_lib: Any = None
+
+
+class DeviceModule:
+    """`torch.gpupool`: what PyTorch asks of a device backend, answered for the pooled GPU."""
+
+    # The dtypes torch.autocast may use on this device.
+    def get_amp_supported_dtype(self) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16]
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def is_available(self) -> bool:
+        from gpupool.client.session import sessions
+
+        return bool(sessions())
+
+    def _is_in_bad_fork(self) -> bool:
+        return False
+
+    def device_count(self) -> int:
+        from gpupool.client.session import sessions
+
+        return max((s.index for s in sessions()), default=-1) + 1
+
+    def current_device(self) -> int:
+        from gpupool.client.session import current_index
+
+        return current_index()
+
+    def set_device(self, device: Any) -> None:
+        from gpupool.client.session import set_current
+
+        idx = device if isinstance(device, int) else torch.device(device).index
+        set_current(idx or 0)
+
+    def synchronize(self, device: Any = None) -> None:
+        from gpupool.client.session import current_session, session_for_device
+
+        s = current_session() if device is None else session_for_device(_as_device(device))
+        s.synchronize()
+
+    def manual_seed(self, seed: int) -> None:
+        from gpupool.client.session import sessions
+
+        for s in sessions():
+            s.manual_seed(seed)
+
+    manual_seed_all = manual_seed
+
+    def seed_all(self) -> None:
+        import random
+
+        self.manual_seed(random.getrandbits(63))
+
+    def memory_allocated(self, device: Any = None) -> int:
+        return self._stats(device).memory_used
+
+    def max_memory_allocated(self, device: Any = None) -> int:
+        return self._stats(device).memory_peak
+
+    def _stats(self, device: Any) -> Any:
+        from gpupool.client.session import current_session, session_for_device
+
+        s = current_session() if device is None else session_for_device(_as_device(device))
+        return s.memory_stats()
+
+
+def _as_device(device: Any) -> torch.device:
+    if isinstance(device, int):
+        return torch.device("gpupool", device)
+    return torch.device(device)
+
+
+def install() -> None:
+    """Register the backend once per process (idempotent, thread-safe)."""
+    global _installed, _lib
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+        from gpupool.client import dispatch
+
+        _setup_privateuseone_for_python_backend("gpupool", DeviceModule())
+        lib = torch.library.Library("_", "IMPL")
+        lib.fallback(dispatch.fallback, "PrivateUse1")
+        _lib = lib
+        from gpupool.client.metakernels import prefer_cpp_meta_kernels
+
+        prefer_cpp_meta_kernels()
+        _installed = True

@@ -1,0 +1,235 @@
+"""A session's connection to a server: handshake, the batched command stream, replies.
+
+Note [Ordering]: commands are appended in program order and sent in batches; the server runs
+them in that order. Frees collected since the last flush are appended *after* the pending
+commands, so a handle is never freed before a command that uses it. `__del__` of a handle only
+appends to `self.frees` (atomic under the GIL) and never takes the lock, because the garbage
+collector can run it anywhere, also inside `flush()`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import sys
+import threading
+from typing import Any
+
+import msgspec
+
+from gpupool.errors import (
+    AuthError,
+    ConnectError,
+    ProtocolError,
+    RemoteOpError,
+    ServerLost,
+    SessionClosed,
+    ShareExceeded,
+    VersionMismatch,
+)
+from gpupool.protocol import messages as m
+from gpupool.protocol.framing import FrameReader, FrameWriter
+from gpupool.protocol.version import PROTOCOL_VERSION
+
+#: Send without waiting once this many commands are queued.
+MAX_PENDING = 512
+
+_here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_torch_dir: str | None = None
+
+
+def _user_location() -> str:
+    """The first frame outside torch and gpupool: the user's line that issued an op."""
+    global _torch_dir
+    if _torch_dir is None:
+        import torch
+
+        _torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    f = sys._getframe(2)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if not (fn.startswith(_here) or fn.startswith(_torch_dir) or fn.startswith("<frozen")):
+            return f"{fn}:{f.f_lineno}"
+        f = f.f_back  # type: ignore[assignment]
+    return "<unknown>"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConnectError(f"bad server address {address!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Connection:
+    def __init__(self, address: str, token: str, timeout: float = 30.0) -> None:
+        host, port = parse_address(address)
+        self.address = address
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise ConnectError(f"cannot reach gpupool server at {address}: {e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._writer = FrameWriter(sock)
+        self._reader = FrameReader(sock)
+        self._writer.send(m.plain_encoder.encode(m.Hello(protocol=PROTOCOL_VERSION, token=token, client=socket.gethostname())))
+        reply = self._read_reply()
+        if isinstance(reply, m.Refused):
+            sock.close()
+            if reply.code == "auth":
+                raise AuthError(f"{address} refused the session: {reply.message}")
+            if reply.code == "version":
+                raise VersionMismatch(reply.message)
+            raise ConnectError(f"{address} refused the session: {reply.message}")
+        if not isinstance(reply, m.Welcome):
+            raise ProtocolError(f"expected a welcome, got {type(reply).__name__}")
+        sock.settimeout(None)
+        self.welcome: m.Welcome = reply
+        self._lock = threading.RLock()
+        self._cmds: list[msgspec.Raw] = []
+        self._bufs: list[memoryview] = []
+        self.frees: list[int] = []
+        self._handles = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._where: dict[int, tuple[str, str]] = {}
+        self.closed = False
+        self.lost: str | None = None
+        self._encoder: msgspec.msgpack.Encoder | None = None
+
+    def set_encoder(self, encoder: msgspec.msgpack.Encoder) -> None:
+        self._encoder = encoder
+
+    # ---- handles and commands ---------------------------------------------------------------
+
+    def new_handle(self) -> int:
+        return next(self._handles)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosed("this gpupool session is closed; its tensors are gone")
+        if self.lost is not None:
+            raise ServerLost(self.lost)
+
+    def op(self, name: str, args: list[Any], kwargs: dict[str, Any], outs: list[int]) -> None:
+        """Queue an op; it runs on the server later, in order."""
+        seq = next(self._seq)
+        assert self._encoder is not None
+        raw = msgspec.Raw(self._encoder.encode(m.Op(seq, name, args, kwargs, outs)))
+        with self._lock:
+            self._check_open()
+            self._where[seq] = (name, _user_location())
+            self._cmds.append(raw)
+            if len(self._cmds) >= MAX_PENDING:
+                self._flush_locked()
+
+    def op_with_reply(self, name: str, args: list[Any], kwargs: dict[str, Any], outs: list[int]) -> m.OpResult:
+        """Run an op now and wait for its result's metadata and values (a sync point)."""
+        seq = next(self._seq)
+        assert self._encoder is not None
+        raw = msgspec.Raw(self._encoder.encode(m.Op(seq, name, args, kwargs, outs, True)))
+        with self._lock:
+            self._where[seq] = (name, _user_location())
+            return self.request(raw)  # type: ignore[no-any-return]
+
+    def command(self, cmd: Any, buffer: memoryview | None = None, flush: bool = False) -> None:
+        with self._lock:
+            self._check_open()
+            self._cmds.append(msgspec.Raw(m.plain_encoder.encode(cmd)))
+            if buffer is not None:
+                self._bufs.append(buffer)
+            if flush or len(self._cmds) >= MAX_PENDING:
+                self._flush_locked()
+
+    def upload(self, handle: int, dtype: str, shape: list[int], stride: list[int], offset: int, data: memoryview, into: bool) -> None:
+        seq = next(self._seq)
+        cmd = m.Upload(seq, handle, dtype, shape, stride, offset, data.nbytes, into)
+        with self._lock:
+            self._where[seq] = ("upload", _user_location())
+        # Note: sent at once, so later changes to the host tensor do not reach the device.
+        self.command(cmd, data, flush=True)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._cmds or self.frees:
+                self._check_open()
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self.frees:
+            frees, self.frees = self.frees, []
+            self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Free(frees))))
+        if not self._cmds:
+            return
+        cmds, self._cmds = self._cmds, []
+        bufs, self._bufs = self._bufs, []
+        msg = m.plain_encoder.encode(m.Batch(cmds))  # type: ignore[arg-type]
+        try:
+            self._writer.send(msg, bufs)
+        except ServerLost as e:
+            self.lost = f"lost the gpupool server at {self.address}: {e}"
+            raise ServerLost(self.lost) from None
+
+    # ---- replies ----------------------------------------------------------------------------
+
+    def _read_reply(self) -> Any:
+        raw, _ = self._reader.read_message()
+        try:
+            return m.server_message_decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ProtocolError(f"malformed reply from the server: {e}") from e
+
+    def request(self, cmd: Any, into: memoryview | None = None) -> Any:
+        """Send `cmd` with everything queued before it and wait for its reply (a sync point)."""
+        with self._lock:
+            self._check_open()
+            self._cmds.append(cmd if isinstance(cmd, msgspec.Raw) else msgspec.Raw(m.plain_encoder.encode(cmd)))
+            self._flush_locked()
+            try:
+                reply = self._read_reply()
+                if isinstance(reply, m.Refused):
+                    self.lost = f"the server ended the session: {reply.message}"
+                    raise ProtocolError(self.lost)
+                err = getattr(reply, "error", None)
+                if isinstance(reply, m.Data) and err is None:
+                    if into is not None:
+                        self._reader.read_buffer_into(into)
+                    else:
+                        into = memoryview(self._reader.read_buffer())
+            except ServerLost as e:
+                self.lost = f"lost the gpupool server at {self.address}: {e}"
+                raise ServerLost(self.lost) from None
+            where = self._where
+            self._where = {}
+        if err is not None:
+            raise self._error(err, where)
+        return reply
+
+    def _error(self, err: m.ErrorInfo, where: dict[int, tuple[str, str]]) -> RemoteOpError:
+        op, loc = where.get(err.seq, (err.op, ""))
+        text = f"{op} failed on the gpupool server: {err.message}"
+        if loc:
+            text += f"\n  issued at {loc}"
+        cls = ShareExceeded if err.kind == "oom" else RemoteOpError
+        return cls(text, op=op, location=loc)
+
+    def sync(self) -> m.Synced:
+        return self.request(m.Sync())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                if self.lost is None:
+                    self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Bye())))
+                    self._flush_locked()
+            except ServerLost:
+                pass
+            finally:
+                self.closed = True
+                try:
+                    self._sock.close()
+                except OSError:
+                    pass

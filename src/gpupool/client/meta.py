@@ -1,0 +1,192 @@
+"""Output metadata of an op, computed on the client with `meta` tensors and cached.
+
+The client never waits for the server to learn an output's shape: it runs the op on meta
+tensors (no data) and caches the result by signature — the op and the shapes, strides, offsets
+and dtypes of its tensor arguments, plus scalar values where they can change the output's
+metadata. A training step repeats the same signatures, so nearly every op is a cache hit.
+
+Note [Plans]: a cached `Plan` says, for each tensor in the flattened output, either "new tensor
+with this layout" or "input k again" (in-place and out= ops), with the layout input k has after
+the op (out= may resize it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gpupool.client.tensor import RemoteTensor
+
+Layout = tuple[tuple[int, ...], tuple[int, ...], int, torch.dtype]
+
+
+class DynamicOutput(Exception):
+    """The op's output metadata depends on the data: the server must tell us."""
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    arg: int  # index into the flattened tensor inputs, or -1 for a new tensor
+    layout: Layout
+    changed: bool  # an input whose metadata the op changed (out= resize, t_, as_strided_)
+
+
+@dataclass(frozen=True)
+class Plan:
+    outs: tuple[OutSpec, ...]
+    structure: Any  # how to rebuild the op's return value from the flat tensors
+
+
+_META_DEVICE = torch.device("meta")
+_cache: dict[Any, Plan] = {}
+_stats = {"hits": 0, "misses": 0}
+_scalar_keyed: dict[Any, bool] = {}
+
+
+def _values_matter(func: torch._ops.OpOverload) -> bool:
+    """Whether scalar *values* (not just their types) can change the output metadata."""
+    r = _scalar_keyed.get(func)
+    if r is None:
+        name = func.__name__
+        r = not (
+            torch.Tag.pointwise in func.tags
+            or name.startswith(("_foreach_", "_fused_"))
+        )
+        _scalar_keyed[func] = r
+    return r
+
+
+def layout_of(t: torch.Tensor) -> Layout:
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
+
+
+def signature(x: Any, values: bool) -> Any:
+    """A hashable key for an argument; RemoteTensors by layout, scalars by value or type."""
+    t = type(x)
+    if t is RemoteTensor or isinstance(x, RemoteTensor):
+        return (x.shape, x.stride(), x.storage_offset(), x.dtype)
+    if t is list or t is tuple:
+        return tuple(signature(v, values) for v in x)
+    if t is float or t is int or t is bool or t is complex:
+        return (t, x) if values else t
+    if isinstance(x, torch.Tensor):
+        return ("host", x.shape, x.dtype, x.device.type, x.item() if values and x.numel() == 1 and x.device.type != "meta" else None)
+    return x
+
+
+def to_meta(x: Any, inputs: list[torch.Tensor], metas: list[torch.Tensor]) -> Any:
+    """Replace RemoteTensors by meta tensors of the same layout (recording both, in order)."""
+    if isinstance(x, RemoteTensor):
+        numel_needed = x.storage_offset() + sum((s - 1) * st for s, st in zip(x.shape, x.stride())) + 1 if x.numel() else 0
+        mt = torch.empty((max(numel_needed, 0),), dtype=x.dtype, device=_META_DEVICE).as_strided(
+            x.shape, x.stride(), x.storage_offset()
+        )
+        inputs.append(x)
+        metas.append(mt)
+        return mt
+    t = type(x)
+    if t is list or t is tuple:
+        return t(to_meta(v, inputs, metas) for v in x)
+    if isinstance(x, torch.device):
+        return _META_DEVICE
+    if isinstance(x, torch.Tensor) and (x.dim() != 0 or x.device.type != "cpu"):
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found at least two devices, "
+            f"gpupool and {x.device}! (a host tensor may join a device op only as a 0-dim scalar)"
+        )
+    return x
+
+
+def remote_inputs(args: tuple, kwargs: dict) -> list[RemoteTensor]:
+    """The RemoteTensors among the arguments, in the order `to_meta` records them."""
+    acc: list[RemoteTensor] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, RemoteTensor):
+            acc.append(x)
+        elif type(x) is list or type(x) is tuple:
+            for v in x:
+                visit(v)
+
+    visit(args)
+    for v in kwargs.values():
+        visit(v)
+    return acc
+
+
+def structure_of(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return True
+    if isinstance(out, (tuple, list)):
+        return (type(out), tuple(structure_of(o) for o in out))
+    return None if out is None else ("value", out)
+
+
+def flat_tensors(out: Any, acc: list[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        acc.append(out)
+    elif isinstance(out, (tuple, list)):
+        for o in out:
+            flat_tensors(o, acc)
+    return acc
+
+
+def rebuild(structure: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    if structure is True:
+        return next(tensors)
+    if structure is None:
+        return None
+    if structure[0] == "value":
+        return structure[1]
+    kind, parts = structure
+    return kind(rebuild(p, tensors) for p in parts)
+
+
+def plan(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
+    values = _values_matter(func)
+    key = (func, signature(args, values), signature(tuple(kwargs.items()), values))
+    try:
+        p = _cache.get(key)
+    except TypeError:  # an unhashable argument: no caching
+        key, p = None, None
+    if p is not None:
+        _stats["hits"] += 1
+        return p
+    _stats["misses"] += 1
+    p = _infer(func, args, kwargs)
+    if key is not None:
+        _cache[key] = p
+    return p
+
+
+def _infer(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
+    inputs: list[torch.Tensor] = []
+    metas: list[torch.Tensor] = []
+    margs = to_meta(args, inputs, metas)
+    mkwargs = {k: to_meta(v, inputs, metas) for k, v in kwargs.items()}
+    if mkwargs.get("pin_memory"):
+        mkwargs["pin_memory"] = False
+    try:
+        out = func(*margs, **mkwargs)
+    except (NotImplementedError, torch._subclasses.fake_tensor.DynamicOutputShapeException) as e:
+        raise DynamicOutput(str(e)) from e
+    except RuntimeError as e:
+        text = str(e)
+        if "data-dependent" in text or "Meta" in text and "backend" in text or "meta tensor" in text.lower() and "item" in text:
+            raise DynamicOutput(text) from e
+        raise
+    ids = {id(mt): i for i, mt in enumerate(metas)}
+    specs = []
+    for o in flat_tensors(out, []):
+        k = ids.get(id(o), -1)
+        lay = layout_of(o)
+        changed = k >= 0 and lay != layout_of(inputs[k])
+        specs.append(OutSpec(k, lay, changed))
+    return Plan(tuple(specs), structure_of(out))
+
+
+def cache_stats() -> dict[str, int]:
+    return dict(_stats, size=len(_cache))

@@ -1,0 +1,163 @@
+"""Sessions: one connection to a server, exposed to PyTorch as one `gpupool:N` device."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from typing import Any
+
+import msgspec
+import torch
+
+from gpupool.errors import ConnectError, SessionClosed
+from gpupool.protocol import messages as m
+
+_lock = threading.Lock()
+_sessions: dict[int, Session] = {}
+_current = 0
+
+
+class Session:
+    """A live session on a gpupool server. Use as a context manager; `.device` is its device."""
+
+    def __init__(self, address: str, token: str, index: int) -> None:
+        from gpupool.client.connection import Connection
+
+        self.conn = Connection(address, token)
+        self.index = index
+        self.device = torch.device("gpupool", index)
+        self.conn.set_encoder(_make_encoder())
+        w = self.conn.welcome
+        self.kind = w.device_kind
+        self.device_name = w.device_name
+        self.memory_limit = w.memory_limit
+        self.memory_total = w.memory_total
+        self.server_torch = w.torch_version
+        self.id = w.session
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<gpupool.Session {self.id} on {self.conn.address}: {self.device} = {self.kind} "
+            f"'{self.device_name}', share {self.memory_limit} bytes>"
+        )
+
+    def synchronize(self) -> None:
+        """Wait until every queued op ran; raises the first error since the last sync."""
+        self.conn.sync()
+
+    def memory_stats(self) -> m.Synced:
+        return self.conn.sync()
+
+    def manual_seed(self, seed: int) -> None:
+        self.conn.command(m.Seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def close(self) -> None:
+        global _current
+        self.conn.close()
+        with _lock:
+            if _sessions.get(self.index) is self:
+                del _sessions[self.index]
+
+
+def connect(address: str | None = None, token: str | None = None) -> Session:
+    """Open a session on a gpupool server; its device is `session.device` ("gpupool:N").
+
+    `address` and `token` default to $GPUPOOL_SERVER and $GPUPOOL_TOKEN.
+    """
+    from gpupool.client.backend import install
+
+    install()
+    address = address or os.environ.get("GPUPOOL_SERVER")
+    token = token if token is not None else os.environ.get("GPUPOOL_TOKEN", "")
+    if not address:
+        raise ConnectError("no server given: pass an address or set GPUPOOL_SERVER=HOST:PORT")
+    with _lock:
+        index = next(i for i in range(len(_sessions) + 1) if i not in _sessions)
+        s = Session(address, token, index)
+        _sessions[index] = s
+    return s
+
+
+def current_session() -> Session:
+    s = _sessions.get(_current)
+    if s is None:
+        raise SessionClosed(
+            "no gpupool session is open: call gpupool.connect(...) or run the program under "
+            "`gpupool run`"
+        )
+    return s
+
+
+def session_for_device(device: torch.device) -> Session:
+    idx = device.index if device.index is not None else _current
+    s = _sessions.get(idx)
+    if s is None:
+        raise SessionClosed(f"no gpupool session is open for device {device}")
+    return s
+
+
+def sessions() -> list[Session]:
+    return list(_sessions.values())
+
+
+def set_current(index: int) -> None:
+    global _current
+    _current = index
+
+
+def current_index() -> int:
+    return _current
+
+
+@atexit.register
+def _close_all() -> None:
+    for s in list(_sessions.values()):
+        try:
+            s.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _make_encoder() -> msgspec.msgpack.Encoder:
+    from gpupool.client.tensor import RemoteTensor
+    from gpupool.torchcodec import DTYPE_TO_NAME, LAYOUT_TO_NAME, MEMORY_FORMAT_TO_NAME
+
+    Ext = msgspec.msgpack.Ext
+    handle = m.HANDLE.pack
+    dtypes = {d: Ext(m.ExtCode.DTYPE, n.encode()) for d, n in DTYPE_TO_NAME.items()}
+    formats = {f: Ext(m.ExtCode.MEMORY_FORMAT, n.encode()) for f, n in MEMORY_FORMAT_TO_NAME.items()}
+    layouts = {f: Ext(m.ExtCode.LAYOUT, n.encode()) for f, n in LAYOUT_TO_NAME.items()}
+    device = Ext(m.ExtCode.DEVICE, b"")
+
+    def enc_hook(obj: Any) -> Any:
+        if isinstance(obj, RemoteTensor):
+            return Ext(m.ExtCode.TENSOR, handle(obj._h.id))
+        if isinstance(obj, torch.dtype):
+            return dtypes[obj]
+        if isinstance(obj, torch.device):
+            return device
+        if isinstance(obj, torch.memory_format):
+            return formats[obj]
+        if isinstance(obj, torch.layout):
+            if obj not in layouts:
+                raise TypeError(f"layout {obj} is not supported on a gpupool device")
+            return layouts[obj]
+        if isinstance(obj, complex):
+            return Ext(m.ExtCode.COMPLEX, m.COMPLEX.pack(obj.real, obj.imag))
+        if isinstance(obj, torch.Tensor):
+            if obj.dim() == 0 and obj.device.type == "cpu":
+                raw = bytes(obj.detach().reshape(1).view(torch.uint8).numpy()) if obj.dtype.itemsize else b""
+                return Ext(m.ExtCode.CPU_TENSOR, msgspec.msgpack.encode((DTYPE_TO_NAME[obj.dtype], [], raw)))
+            raise TypeError(f"a {obj.device} tensor of shape {tuple(obj.shape)} cannot be an argument of a gpupool op")
+        if isinstance(obj, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise TypeError("symbolic sizes are not supported on a gpupool device")
+        raise TypeError(f"cannot send a {type(obj).__name__} to a gpupool server")
+
+    return msgspec.msgpack.Encoder(enc_hook=enc_hook)

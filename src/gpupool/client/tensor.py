@@ -1,0 +1,107 @@
+"""The tensor type whose data lives on a gpupool server.
+
+A `RemoteTensor` is a wrapper subclass: shape, strides, dtype and device live on the client
+(PyTorch reads them without calling us); the elements live on the server under `_h.id`.
+
+Note [Handle lifetime]: each wrapper owns one `Handle`. When the wrapper is collected, the
+handle's `__del__` queues a free; the server frees the tensor at the next flush. Views get
+their own handles, pointing at real views on the server, so the server's storage stays alive as
+long as any handle of it does — aliasing is exactly that of the server's tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from gpupool.client.session import Session
+
+#: Wrappers claim a storage this large (they own no memory): in-place metadata changes
+#: (resize_, as_strided_, set_) on the client then never fail a bounds check.
+FAKE_STORAGE_BYTES = 1 << 50
+
+
+class Handle:
+    __slots__ = ("id", "session", "__weakref__")
+
+    def __init__(self, hid: int, session: Session) -> None:
+        self.id = hid
+        self.session = session
+
+    def __del__(self) -> None:
+        try:
+            self.session.conn.frees.append(self.id)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class RemoteTensor(torch.Tensor):
+    _h: Handle
+
+    @staticmethod
+    def __new__(
+        cls,
+        handle: Handle,
+        shape: Any,
+        stride: Any,
+        offset: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> RemoteTensor:
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            shape,
+            strides=stride,
+            storage_offset=offset,
+            dtype=dtype,
+            device=device,
+            requires_grad=False,
+            storage_size=FAKE_STORAGE_BYTES,
+        )
+        r._h = handle
+        return r
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        from gpupool.client.dispatch import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+    # ---- host-side conveniences that would otherwise read elements directly ------------------
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        host = self.detach().to("cpu")  # a sync point, like printing a CUDA tensor
+        extra = f", device='{self.device}'"
+        if self.grad_fn is not None:
+            extra += f", grad_fn=<{type(self.grad_fn).__name__}>"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        return repr(host)[:-1] + extra + ")"
+
+    def __format__(self, spec: str) -> str:
+        if self.dim() == 0:
+            return self.item().__format__(spec)
+        return repr(self)
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        return self.detach().cpu().tolist()
+
+    def numpy(self, *, force: bool = False) -> Any:  # type: ignore[override]
+        if not force:
+            raise TypeError(
+                f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to "
+                "copy the tensor to host memory first."
+            )
+        return self.detach().cpu().numpy()
+
+    def __reduce_ex__(self, proto: Any) -> Any:
+        from gpupool.client.serialization import reduce_remote
+
+        return reduce_remote(self, proto)

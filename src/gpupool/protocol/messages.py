@@ -1,0 +1,205 @@
+"""Every message of the wire format, as typed immutable records, and their strict codecs.
+
+Client -> server: `Hello` once, then `Batch` frames of commands. Commands that need an answer
+(`Fetch`, `Item`, `Sync`, an `Op` with ``reply=True``) make the server send one reply frame;
+everything else is fire-and-forget, like kernels queued on a CUDA stream.
+
+Op arguments are msgpack values; the few torch objects they hold travel as msgpack extension
+types (see `ExtCode`). The decoder accepts only those codes, with bounded payloads.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+
+class ExtCode:
+    """msgpack extension codes used inside op arguments."""
+
+    TENSOR = 1  # payload: u64 handle
+    DTYPE = 2  # payload: dtype name, e.g. b"float32"
+    DEVICE = 3  # payload: empty; always the session's device on the server
+    MEMORY_FORMAT = 4  # payload: name, e.g. b"contiguous_format"
+    LAYOUT = 5  # payload: name, e.g. b"strided"
+    COMPLEX = 6  # payload: two f64
+    CPU_TENSOR = 7  # payload: small host tensor inline: dtype name, shape, raw bytes (msgpack)
+
+
+HANDLE = struct.Struct("<Q")
+COMPLEX = struct.Struct("<dd")
+MAX_EXT_BYTES = 64 * 1024
+
+
+# ---- handshake -------------------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    protocol: int
+    token: str
+    client: str = ""
+
+
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+    protocol: int
+    session: str
+    device_kind: str  # "cuda" or "cpu" (a CPU-backed device, labelled as such)
+    device_name: str
+    memory_limit: int
+    memory_total: int
+    torch_version: str
+
+
+class Refused(msgspec.Struct, tag="refused", frozen=True):
+    code: str  # "auth", "version", "busy", "protocol"
+    message: str
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+class Op(msgspec.Struct, tag="op", array_like=True, frozen=True):
+    """Run aten op `op` (e.g. "aten::add.Tensor"); tensor results are stored under `outs`.
+
+    `outs` has one entry per tensor in the flattened result: a new handle, or -1 where the
+    result is an input returned again (in-place and out= ops) and needs no new handle.
+    With `reply`, the server answers with `OpResult` (metadata and non-tensor values).
+    """
+
+    seq: int
+    op: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    outs: list[int]
+    reply: bool = False
+
+
+class Upload(msgspec.Struct, tag="up", array_like=True, frozen=True):
+    """Host data for a tensor follows as the frame's next raw buffer.
+
+    With `into`, the bytes fill the existing tensor `handle` (same dtype, contiguous, `nbytes`
+    matching); otherwise a new tensor of the given layout is created under `handle`.
+    """
+
+    seq: int
+    handle: int
+    dtype: str
+    shape: list[int]
+    stride: list[int]
+    offset: int
+    nbytes: int
+    into: bool = False
+
+
+class Free(msgspec.Struct, tag="free", array_like=True, frozen=True):
+    handles: list[int]
+
+
+class Seed(msgspec.Struct, tag="seed", array_like=True, frozen=True):
+    seed: int
+
+
+class Fetch(msgspec.Struct, tag="fetch", array_like=True, frozen=True):
+    """Send back the tensor's elements, contiguous, as one raw buffer (`Data`)."""
+
+    handle: int
+
+
+class Item(msgspec.Struct, tag="item", array_like=True, frozen=True):
+    """Send back the value of a one-element tensor (`Value`)."""
+
+    handle: int
+
+
+class Sync(msgspec.Struct, tag="sync", array_like=True, frozen=True):
+    """Answer `Synced` once every earlier command has run."""
+
+
+class Stats(msgspec.Struct, tag="stats", array_like=True, frozen=True):
+    """Answer `Synced` with memory use; a sync point like `Sync`."""
+
+
+class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):
+    """Clean end of the session."""
+
+
+Command = Op | Upload | Free | Seed | Fetch | Item | Sync | Stats | Bye
+
+
+class Batch(msgspec.Struct, tag="batch", frozen=True):
+    cmds: list[Command]
+
+
+ClientMessage = Hello | Batch
+
+
+# ---- replies ---------------------------------------------------------------------------------
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """The first failure since the last reply. `seq` is the command's sequence number."""
+
+    seq: int
+    op: str
+    kind: str  # "op", "oom", "handle", "unknown_op", "denied", "protocol"
+    message: str
+
+
+class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
+    shape: list[int]
+    stride: list[int]
+    offset: int
+    dtype: str
+    storage_bytes: int
+
+
+class Synced(msgspec.Struct, tag="synced", frozen=True):
+    error: ErrorInfo | None = None
+    memory_used: int = 0
+    memory_peak: int = 0
+    memory_limit: int = 0
+
+
+class Data(msgspec.Struct, tag="data", frozen=True):
+    """One raw buffer follows unless `error` is set."""
+
+    error: ErrorInfo | None = None
+    nbytes: int = 0
+
+
+class Value(msgspec.Struct, tag="value", frozen=True):
+    error: ErrorInfo | None = None
+    value: Any = None
+
+
+class OpResult(msgspec.Struct, tag="opresult", frozen=True):
+    error: ErrorInfo | None = None
+    metas: list[TensorMeta] = []
+    values: list[Any] = []
+
+
+ServerMessage = Welcome | Refused | Synced | Data | Value | OpResult
+
+
+# ---- codecs ----------------------------------------------------------------------------------
+
+
+def _reject_ext(code: int, data: memoryview) -> Any:
+    raise msgspec.ValidationError(f"unexpected extension type {code}")
+
+
+def make_decoder(kind: Any, ext_hook: Callable[[int, memoryview], Any] | None = None) -> msgspec.msgpack.Decoder:
+    """A strict decoder for `kind`; extension types are refused unless `ext_hook` takes them."""
+    return msgspec.msgpack.Decoder(kind, ext_hook=ext_hook or _reject_ext)
+
+
+def make_encoder(enc_hook: Callable[[Any], Any] | None = None) -> msgspec.msgpack.Encoder:
+    return msgspec.msgpack.Encoder(enc_hook=enc_hook)
+
+
+server_message_decoder = make_decoder(ServerMessage)
+hello_decoder = make_decoder(Hello)
+plain_encoder = make_encoder()

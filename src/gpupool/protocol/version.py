@@ -1,0 +1,3 @@
+"""Protocol version: bumped on any incompatible change to framing or messages."""
+
+PROTOCOL_VERSION = 1

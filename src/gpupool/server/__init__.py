@@ -1,0 +1,1 @@
+"""The GPU host agent: listener, per-session worker processes, the op executor."""
