@@ -22,7 +22,6 @@ from gpupool.torchcodec import DTYPE_TO_NAME, dtype_from_name, host_bytes, op_na
 
 aten = torch.ops.aten
 _names: dict[Any, str] = {}
-_dynamic: set[Any] = set()
 _value_returns: dict[Any, bool] = {}
 
 
@@ -84,12 +83,10 @@ def run_remote(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: 
             f"{_name(func)}: an explicit torch.Generator cannot drive a gpupool device; "
             "seed with torch.manual_seed instead"
         )
-    if func in _dynamic or _returns_values(func):
+    if _returns_values(func):
         return run_remote_sync(func, args, kwargs, session)
-    try:
-        p = meta.plan(func, args, kwargs)
-    except meta.DynamicOutput:
-        _dynamic.add(func)
+    p = meta.plan(func, args, kwargs)
+    if p is meta.DYNAMIC:
         return run_remote_sync(func, args, kwargs, session)
     conn = session.conn
     inputs = meta.remote_inputs(args, kwargs) if any(o.arg >= 0 for o in p.outs) else []

@@ -40,6 +40,8 @@ class Plan:
     structure: Any  # how to rebuild the op's return value from the flat tensors
 
 
+#: The plan of an op whose output metadata depends on the data (see `DynamicOutput`).
+DYNAMIC = Plan((), None)
 _META_DEVICE = torch.device("meta")
 _cache: dict[Any, Plan] = {}
 _stats = {"hits": 0, "misses": 0}
@@ -147,7 +149,7 @@ def rebuild(structure: Any, tensors: Iterator[torch.Tensor]) -> Any:
 
 def plan(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
     values = _values_matter(func)
-    key = (func, signature(args, values), signature(tuple(kwargs.items()), values))
+    key: Any = (func, signature(args, values), signature(tuple(kwargs.items()), values))
     try:
         p = _cache.get(key)
     except TypeError:  # an unhashable argument: no caching
@@ -156,7 +158,10 @@ def plan(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
         _stats["hits"] += 1
         return p
     _stats["misses"] += 1
-    p = _infer(func, args, kwargs)
+    try:
+        p = _infer(func, args, kwargs)
+    except DynamicOutput:
+        p = DYNAMIC
     if key is not None:
         _cache[key] = p
     return p

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -24,14 +25,14 @@ def prefer_cpp_meta_kernels() -> int:
         import torch._meta_registrations as reg
 
         lib = reg._meta_lib_dont_use_me_use_register_meta
-        table = {}
+        table: dict[Any, Any] = {}
         for typ in ("meta", "post_autograd", "pre_autograd"):
             for op, fn in reg.global_decomposition_table[typ].items():
                 table.setdefault(op, fn)
     except (ImportError, AttributeError) as e:  # a torch without this layout: keep defaults
         log.debug("cannot prefer C++ meta kernels: %s", e)
         return 0
-    impls = getattr(lib, "_op_impls", set())
+    impls: set[str] = getattr(lib, "_op_impls", set())
     registered = [op for op in table if isinstance(op, torch._ops.OpOverload) and _impl_key(op) in impls]
     if not registered:
         return 0

@@ -22,7 +22,14 @@ from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter
 from gpupool.protocol.ops import check_op_name
 from gpupool.server.memory import StorageLedger
-from gpupool.torchcodec import DTYPE_TO_NAME, DTYPES, LAYOUTS, MEMORY_FORMATS, host_bytes, resolve_op
+from gpupool.torchcodec import (
+    DTYPE_TO_NAME,
+    DTYPES,
+    LAYOUTS,
+    MEMORY_FORMATS,
+    host_bytes,
+    resolve_op,
+)
 
 log = logging.getLogger("gpupool.server")
 
