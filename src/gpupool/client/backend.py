@@ -107,4 +107,26 @@ def install() -> None:
         from gpupool.client.metakernels import prefer_cpp_meta_kernels
 
         prefer_cpp_meta_kernels()
+        _behave_like_cuda()
         _installed = True
+
+
+def _behave_like_cuda() -> None:
+    """Make PyTorch treat gpupool tensors as it treats CUDA ones where it checks the type.
+
+    - `Module.to()` swaps parameters in place (`swap_tensors`), so an optimizer built before
+      `.to(device)` still holds the very tensors that train (otherwise `.data` assignment would
+      leave a wrapper subclass's handle behind).
+    - Optimizers default to their foreach implementation, as on CUDA; it checks
+      `type(p) in _foreach_supported_types`, which a subclass fails.
+    """
+    from gpupool.client.tensor import RemoteTensor
+
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        from torch.utils import _foreach_utils
+
+        if RemoteTensor not in _foreach_utils._foreach_supported_types:
+            _foreach_utils._foreach_supported_types.append(RemoteTensor)
+    except (ImportError, AttributeError):
+        pass
