@@ -108,6 +108,10 @@ def install() -> None:
 
         prefer_cpp_meta_kernels()
         _behave_like_cuda()
+        from gpupool.client import functions, serialization
+
+        functions.install()
+        serialization.install()
         _installed = True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -14,6 +15,7 @@ from gpupool.errors import ConnectError, SessionClosed
 from gpupool.protocol import messages as m
 
 _lock = threading.Lock()
+_connect_lock = threading.RLock()
 _sessions: dict[int, Session] = {}
 _current = 0
 
@@ -59,7 +61,6 @@ class Session:
         self.conn.command(m.Seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF))
 
     def close(self) -> None:
-        global _current
         self.conn.close()
         with _lock:
             if _sessions.get(self.index) is self:
@@ -85,8 +86,25 @@ def connect(address: str | None = None, token: str | None = None) -> Session:
     return s
 
 
+_autoconnect: Callable[[], Session] | None = None
+
+
+def set_autoconnect(fn: Callable[[], Session] | None) -> None:
+    """Open a session on first use of the device (what `gpupool run` does), via `fn`."""
+    global _autoconnect
+    _autoconnect = fn
+
+
+def _auto() -> Session | None:
+    if _autoconnect is None:
+        return None
+    with _connect_lock:
+        s = _sessions.get(_current)
+        return s if s is not None else _autoconnect()
+
+
 def current_session() -> Session:
-    s = _sessions.get(_current)
+    s = _sessions.get(_current) or _auto()
     if s is None:
         raise SessionClosed(
             "no gpupool session is open: call gpupool.connect(...) or run the program under "
@@ -98,6 +116,8 @@ def current_session() -> Session:
 def session_for_device(device: torch.device) -> Session:
     idx = device.index if device.index is not None else _current
     s = _sessions.get(idx)
+    if s is None and idx == _current:
+        s = _auto()
     if s is None:
         raise SessionClosed(f"no gpupool session is open for device {device}")
     return s

@@ -1,0 +1,145 @@
+"""PyTorch semantics users rely on, on the gpupool device: autograd features, dtypes,
+modules and optimizers, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.models import GPT, MLP
+
+
+def test_retain_graph_hooks_and_autograd_grad(session) -> None:
+    dev = session.device
+    x = torch.randn(4, 3).to(dev).requires_grad_()
+    seen = []
+    x.register_hook(lambda g: seen.append(g.shape) or g * 2)
+    y = (x.sin() * x).sum()
+    (g1,) = torch.autograd.grad(y, x, retain_graph=True)
+    y.backward()
+    xc = x.detach().cpu().requires_grad_()
+    yc = (xc.sin() * xc).sum()
+    (gc,) = torch.autograd.grad(yc, xc)
+    torch.testing.assert_close(g1.cpu(), gc * 2, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad.cpu(), gc * 2, rtol=0, atol=0)
+    assert seen == [torch.Size([4, 3])] * 2
+
+
+def test_no_grad_and_inference_mode(session) -> None:
+    w = torch.randn(3, 3).to(session.device).requires_grad_()
+    with torch.no_grad():
+        y = w * 2
+    assert not y.requires_grad
+    with torch.inference_mode():
+        z = w @ w
+    assert not z.requires_grad and z.is_inference()
+    torch.testing.assert_close(z.cpu(), w.detach().cpu() @ w.detach().cpu(), rtol=0, atol=0)
+
+
+def test_bfloat16_runs_in_bf16(session) -> None:
+    a = torch.randn(8, 8)
+    r = a.to(session.device, dtype=torch.bfloat16)
+    out = r @ r
+    assert out.dtype == torch.bfloat16
+    ab = a.bfloat16()
+    torch.testing.assert_close(out.cpu(), ab @ ab, rtol=0, atol=0)
+
+
+def test_sdpa_uses_fused_kernel_and_matches(session) -> None:
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    rq, rk, rv = (t.to(session.device) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(rq, rk, rv, is_causal=True)
+    torch.testing.assert_close(out.cpu(), F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
+    from gpupool.client import functions
+
+    assert functions._choices, "the server was asked which fused kernel to use"
+    mask = torch.rand(16, 16) > 0.3
+    mask.fill_diagonal_(True)
+    out = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=mask.to(session.device))
+    torch.testing.assert_close(out.cpu(), F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=0)
+
+
+def test_module_to_keeps_optimizer_and_parameters(session) -> None:
+    model = MLP()
+    params_before = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.to(session.device)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params_before]
+    assert all(p.device == session.device for p in model.parameters())
+    before = model.net[0].weight.detach().cpu().clone()
+    model(torch.randn(2, 32).to(session.device)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.net[0].weight.detach().cpu(), before)
+
+
+def test_state_dict_roundtrip_and_deepcopy(session) -> None:
+    torch.manual_seed(0)
+    model = MLP().to(session.device)
+    sd = model.state_dict()
+    other = MLP()
+    other.load_state_dict({k: v.cpu() for k, v in sd.items()})
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(other(x), model(x.to(session.device)).cpu(), rtol=0, atol=0)
+    twin = copy.deepcopy(model)
+    assert all(p.device == session.device for p in twin.parameters())
+    torch.testing.assert_close(twin(x.to(session.device)).cpu(), other(x), rtol=0, atol=0)
+
+
+def _save(obj: object) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_checkpoint_is_a_cuda_checkpoint(session) -> None:
+    t = torch.randn(5, 7).to(session.device)
+    buf = _save({"t": t, "view": t[1:3]})
+    # it names "cuda" storages, exactly like a checkpoint written on a GPU
+    import zipfile
+
+    with zipfile.ZipFile(buf) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert b"cuda:0" in pkl
+    buf.seek(0)
+    host = torch.load(buf, map_location="cpu")
+    assert host["t"].device.type == "cpu"
+    torch.testing.assert_close(host["t"], t.cpu(), rtol=0, atol=0)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert back["t"].device == session.device
+    torch.testing.assert_close(back["t"].cpu(), t.cpu(), rtol=0, atol=0)
+
+
+def test_whole_model_save_load_keeps_parameters_and_ties(session) -> None:
+    torch.manual_seed(0)
+    model = GPT().to(session.device)
+    back = torch.load(_save(model), weights_only=False)
+    params = dict(back.named_parameters())
+    assert params and all(isinstance(p, nn.Parameter) and p.device == session.device for p in params.values())
+    # tied weights are still one tensor
+    assert back.head.weight is back.tok.weight
+    idx = torch.randint(0, 64, (2, 16))
+    model.eval()
+    back.eval()
+    torch.testing.assert_close(back(idx.to(session.device)).cpu(), model(idx.to(session.device)).cpu(), rtol=0, atol=0)
+    # state_dict with weights_only onto the device
+    sd = torch.load(_save(model.state_dict()), weights_only=True)
+    assert all(v.device == session.device for v in sd.values())
+    fresh = GPT()
+    fresh.load_state_dict({k: v.cpu() for k, v in sd.items()})
+    torch.testing.assert_close(fresh.eval()(idx), model(idx.to(session.device)).cpu(), rtol=0, atol=0)
+
+
+def test_dropout_reproducible_with_manual_seed(session) -> None:
+    x = torch.ones(1000).to(session.device)
+    torch.manual_seed(7)
+    a = F.dropout(x, 0.5).cpu()
+    torch.manual_seed(7)
+    b = F.dropout(x, 0.5).cpu()
+    assert torch.equal(a, b)
+    assert 300 < int((a == 0).sum()) < 700
