@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck bench bench-quick clean
+.PHONY: venv demo test lint typecheck bench bench-quick bench-gpu clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/python -m bench.run --quick
+
+# On a machine with an NVIDIA GPU (no venv: uses the machine's own torch).
+bench-gpu:
+	PYTHONPATH=src:. python3 -m bench.run --gpu
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
