@@ -11,6 +11,7 @@ long as any handle of it does — aliasing is exactly that of the server's tenso
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -100,6 +101,24 @@ class RemoteTensor(torch.Tensor):
                 "copy the tensor to host memory first."
             )
         return self.detach().cpu().numpy()
+
+    def __deepcopy__(self, memo: dict) -> RemoteTensor:
+        # Note: torch's Tensor.__deepcopy__ would copy `__dict__` over the clone's, giving the
+        # copy the original's handle. The clone gets its own handle; other attributes
+        # (e.g. `_is_param` of a custom-tensor Parameter) are copied.
+        if id(self) in memo:
+            return memo[id(self)]  # type: ignore[no-any-return]
+        with torch.no_grad():
+            new = self.clone()
+        if self.requires_grad and self.is_leaf:
+            new.requires_grad_()
+        if self.grad is not None:
+            new.grad = copy.deepcopy(self.grad, memo)
+        for k, v in self.__dict__.items():
+            if k != "_h":
+                setattr(new, k, copy.deepcopy(v, memo))
+        memo[id(self)] = new
+        return new
 
     def __reduce_ex__(self, proto: Any) -> Any:
         from gpupool.client.serialization import reduce_remote
