@@ -1,0 +1,36 @@
+"""`python -m gpupool.controller`: a controller without the CLI (the CLI's `gpupool controller` is the usual way)."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpupool.controller.app import Controller, Settings
+from gpupool.controller.runner import serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m gpupool.controller")
+    p.add_argument("--listen", default="127.0.0.1:7700", help="HOST:PORT (port 0: any free port)")
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite under $GPUPOOL_HOME)")
+    p.add_argument("--init", action="store_true", help="create an admin token, print it, and serve")
+    p.add_argument("--admin-token", default=None, help="make sure this admin token exists")
+    d = Settings()
+    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval_s, metavar="S")
+    p.add_argument("--sweep-interval", type=float, default=d.sweep_interval_s, metavar="S")
+    p.add_argument("--poll-interval", type=float, default=d.poll_interval_s, metavar="S")
+    p.add_argument("--default-ttl", type=float, default=d.default_ttl_s, metavar="S")
+    p.add_argument("--max-wait", type=float, default=d.max_wait_s, metavar="S")
+    a = p.parse_args(argv)
+    settings = Settings(db_url=a.db, admin_token=a.admin_token, heartbeat_interval_s=a.heartbeat_interval,
+                        sweep_interval_s=a.sweep_interval, poll_interval_s=a.poll_interval,
+                        default_ttl_s=a.default_ttl, max_wait_s=a.max_wait)
+    if a.init:
+        c = Controller(settings)
+        print(f"admin token: {c.create_admin_token()}", flush=True)
+        c.store.close()
+    host, _, port = a.listen.rpartition(":")
+    serve(settings, host.strip("[]") or "127.0.0.1", int(port))
+
+
+if __name__ == "__main__":
+    main()

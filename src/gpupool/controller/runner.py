@@ -1,0 +1,82 @@
+"""Serving a controller: in the foreground (`gpupool controller`) or on a thread (`gpupool up`, tests)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from gpupool.controller.app import Settings, create_app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # Note: proto=IPPROTO_TCP, not 0: asyncio only turns Nagle off (TCP_NODELAY) on sockets that say
+    # they are TCP, and with Nagle on, each keep-alive request waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7700, log_level: str = "info") -> None:
+    """Serve the controller until SIGINT/SIGTERM (blocking). Port 0 picks a free port."""
+    app = create_app(settings)
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    print(f"gpupool controller listening on http://{_url_host(host)}:{bound}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    server.run(sockets=[sock])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class ControllerThread:
+    """A real controller (uvicorn + the app) served on a background thread of this process.
+
+        with ControllerThread(Settings(db_url=...)) as c:
+            httpx.get(c.url + "/v1/status", headers={"Authorization": f"Bearer {token}"})
+    """
+
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self._sock = _bind(host, port)
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://{_url_host(host)}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"gpupool-controller-{self.port}", daemon=True)
+
+    @property
+    def controller(self):  # type: ignore[no-untyped-def]
+        return self.app.state.controller
+
+    def start(self, timeout: float = 30) -> ControllerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the controller failed to start (see the log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the controller did not start within {timeout} s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> ControllerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,954 @@
+"""The controller's state in SQL: the one module that talks to the database (SQLAlchemy 2).
+
+Tables: users, tokens (hashed), servers, gpus, leases, lease_gpus, queue, meta (signing key).
+Every method is one transaction and returns plain dataclasses, never ORM objects, so nothing
+outside this module holds a session. Time is passed in (`now`, seconds since the epoch).
+
+Note [Write serialization]: every write transaction reads the pool, decides (the pure scheduler)
+and writes back; two of them interleaving could both grant the same free bytes. So writers are
+serialized: within a process by a lock, across processes on SQLite by `BEGIN IMMEDIATE` (the
+database's single writer lock), and on other databases by a `SELECT ... FOR UPDATE` of one row
+in `meta` that every write transaction takes first. Reads run in plain transactions and may see
+a state that is already out of date by the time they return; nothing is granted from a read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from gpupool.controller import leases as leasing
+from gpupool.controller import scheduler as sched
+from gpupool.controller.errors import (
+    ControllerError,
+    LeaseExpired,
+    NoCapacity,
+    NotFound,
+    QuotaExceeded,
+)
+
+ROLES = ("user", "admin", "server")
+TOKEN_PREFIX = "gpp_"
+
+
+def gpupool_home() -> Path:
+    """Where gpupool keeps its state: $GPUPOOL_HOME, else ~/.local/share/gpupool."""
+    return Path(os.environ.get("GPUPOOL_HOME") or Path.home() / ".local" / "share" / "gpupool")
+
+
+def default_db_url() -> str:
+    return f"sqlite:///{gpupool_home() / 'controller.db'}"
+
+
+class AuthFailed(ControllerError):
+    """The bearer token is missing, unknown, expired or revoked (HTTP 401)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unauthorized", 401)
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    quota_gpus: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ServerRow(Base):
+    __tablename__ = "servers"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    address: Mapped[str] = mapped_column(String(300))
+    owner: Mapped[str] = mapped_column(String(64))
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16))  # "up" | "down"
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat: Mapped[float] = mapped_column(Float)
+
+
+class GpuRow(Base):
+    __tablename__ = "gpus"
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    server_id: Mapped[str] = mapped_column(ForeignKey("servers.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    uuid: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    present: Mapped[bool] = mapped_column(Boolean, default=True)
+    used_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    utilization: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sessions: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class LeaseRow(Base):
+    __tablename__ = "leases"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    server_id: Mapped[str] = mapped_column(ForeignKey("servers.id"), index=True)
+    address: Mapped[str] = mapped_column(String(300))
+    # "active" | "released" | "expired" | "server_down" | "gpu_gone"
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    exclusive: Mapped[bool] = mapped_column(Boolean)
+    ttl_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    entry_id: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str] = mapped_column(Text)
+
+
+class LeaseGpuRow(Base):
+    __tablename__ = "lease_gpus"
+    lease_id: Mapped[str] = mapped_column(ForeignKey("leases.id"), primary_key=True)
+    gpu_id: Mapped[str] = mapped_column(ForeignKey("gpus.id"), primary_key=True, index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class QueueRow(Base):
+    __tablename__ = "queue"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    priority: Mapped[int] = mapped_column(Integer)
+    ttl_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    # "waiting" | "granted" | "refused" | "rejected" | "timed_out" | "cancelled"
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    code: Mapped[str] = mapped_column(String(32), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    lease_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class MetaRow(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+# -- values returned ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the user behind a token and the token's role."""
+
+    user: str
+    role: str
+    token_id: str
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    user: str
+    role: str
+    note: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    name: str
+    quota_gpus: float | None
+    usage_gpus: float
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """A GPU as a server registers it."""
+
+    index: int
+    uuid: str
+    model: str
+    memory_bytes: int
+    kind: str = "cuda"
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    """What a server reports of a GPU in its heartbeat."""
+
+    index: int
+    used_bytes: int | None = None
+    utilization: float | None = None
+    sessions: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    id: str
+    server_id: str
+    server: str
+    address: str
+    server_state: str
+    draining: bool
+    index: int
+    uuid: str
+    model: str
+    kind: str
+    memory_bytes: int
+    allocated_bytes: int
+    exclusive: bool
+    leases: int
+    used_bytes: int | None
+    utilization: float | None
+    sessions: int | None
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    id: str
+    name: str
+    address: str
+    owner: str
+    state: str
+    draining: bool
+    labels: dict[str, str]
+    registered_at: float
+    last_heartbeat: float
+    gpus: int
+
+
+@dataclass(frozen=True)
+class LeaseGpuInfo:
+    gpu_id: str
+    index: int
+    uuid: str
+    model: str
+    kind: str
+    memory_bytes: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    id: str
+    user: str
+    server_id: str
+    server: str
+    address: str
+    state: str
+    exclusive: bool
+    gpus: tuple[LeaseGpuInfo, ...]
+    created_at: float
+    expires_at: float
+    ended_at: float | None
+    text: str
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A queue entry: a request and what became of it."""
+
+    id: str
+    user: str
+    state: str
+    priority: int
+    position: int | None
+    created_at: float
+    deadline: float
+    code: str
+    reason: str
+    lease: LeaseInfo | None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    servers_down: list[str]
+    leases_ended: int
+    changed: bool
+
+
+# -- request (de)serialization for the queue table ------------------------------------------------
+
+
+def request_to_json(req: sched.Request) -> dict[str, Any]:
+    return {"n": req.n, "share": {"kind": req.share.kind, "fraction": req.share.fraction, "bytes": req.share.bytes},
+            "model": req.model, "kind": req.kind, "min_memory_bytes": req.min_memory_bytes,
+            "server": req.server, "labels": dict(req.labels), "spread": req.spread}
+
+
+def request_from_json(d: dict[str, Any]) -> sched.Request:
+    share = sched.Share(d["share"]["kind"], fraction=d["share"]["fraction"], bytes=d["share"]["bytes"])
+    return sched.Request(n=d["n"], share=share, model=d["model"], kind=d["kind"],
+                         min_memory_bytes=d["min_memory_bytes"], server=d["server"],
+                         labels=d["labels"], spread=d["spread"])
+
+
+def hash_token(secret: str) -> str:
+    """Tokens are 256-bit random strings, so a plain SHA-256 is enough (no password stretching)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+class Store:
+    """The controller's database. Thread-safe; one instance per process."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_db_url()
+        self.sqlite = self.url.startswith("sqlite")
+        if self.sqlite:
+            memory = self.url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in self.url
+            if not memory:
+                path = self.url.split("///", 1)[1].split("?", 1)[0] if "///" in self.url else ""
+                if path:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kw: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+            if memory:
+                kw["poolclass"] = StaticPool
+            self._write_engine = create_engine(self.url, **kw)
+            self._read_engine = self._write_engine if memory else create_engine(self.url, **kw)
+            _sqlite_transactions(self._write_engine, "BEGIN IMMEDIATE")
+            if self._read_engine is not self._write_engine:
+                _sqlite_transactions(self._read_engine, "BEGIN")
+        else:
+            self._write_engine = self._read_engine = create_engine(self.url, pool_pre_ping=True)
+        self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._lock = threading.Lock()
+        self._key: Ed25519PrivateKey | None = None
+        # Called (from the writing thread) with the ids of queue entries that left "waiting".
+        self.on_entries_changed: Callable[[set[str]], None] | None = None
+
+    def init(self) -> None:
+        """Create the tables (if missing), the lock row and the signing key."""
+        Base.metadata.create_all(self._write_engine)
+        with self._write() as s:
+            if s.get(MetaRow, "lock") is None:
+                s.add(MetaRow(key="lock", value="pool writers take this row first"))
+        self.signing_key()
+
+    def close(self) -> None:
+        self._write_engine.dispose()
+        self._read_engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        changed: set[str] = set()
+        with self._lock, self._writes() as s:
+            with s.begin():
+                if not self.sqlite:
+                    s.execute(select(MetaRow).where(MetaRow.key == "lock").with_for_update())
+                s.info["changed_entries"] = changed
+                yield s
+        # Only after the commit: a waiter woken now reads the new state.
+        if changed and self.on_entries_changed is not None:
+            self.on_entries_changed(changed)
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads() as s, s.begin():
+            yield s
+
+    # -- signing key ----------------------------------------------------------------------------
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The controller's Ed25519 key, created once and kept in the database.
+
+        Note: it lives in the database (not a file next to one controller) so that a restarted
+        controller, or another replica on the same PostgreSQL, signs with the same key and the
+        servers' copy of the public key stays valid.
+        """
+        if self._key is None:
+            with self._write() as s:
+                row = s.get(MetaRow, "signing_key")
+                if row is None:
+                    row = MetaRow(key="signing_key", value=leasing.private_key_to_pem(leasing.generate_key()).decode())
+                    s.add(row)
+                self._key = leasing.private_key_from_pem(row.value.encode())
+        return self._key
+
+    # -- users and tokens -----------------------------------------------------------------------
+
+    def _ensure_user(self, s: Session, user: str, now: float) -> UserRow:
+        row = s.get(UserRow, user)
+        if row is None:
+            row = UserRow(name=user, quota_gpus=None, created_at=now)
+            s.add(row)
+            s.flush()
+        return row
+
+    def create_token(self, user: str, role: str, now: float, expires_at: float | None = None, note: str = "",
+                     secret: str | None = None) -> tuple[TokenInfo, str]:
+        """A new token for `user` with `role`; returns it once in clear (only its hash is kept)."""
+        if role not in ROLES:
+            raise ControllerError(f"role must be one of {', '.join(ROLES)}, not {role!r}", "invalid_request", 422)
+        secret = secret or TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._write() as s:
+            self._ensure_user(s, user, now)
+            if s.scalar(select(TokenRow).where(TokenRow.hash == hash_token(secret))) is not None:
+                raise ControllerError("that token already exists", "conflict", 409)
+            row = TokenRow(id=_new_id("t"), hash=hash_token(secret), user=user, role=role, note=note,
+                           created_at=now, expires_at=expires_at, revoked_at=None)
+            s.add(row)
+            return _token_info(row), secret
+
+    def ensure_token(self, secret: str, user: str, role: str, now: float, note: str = "") -> TokenInfo:
+        """Make sure `secret` is a valid token (for `gpupool up`, which records its admin token)."""
+        with self._read() as s:
+            row = s.scalar(select(TokenRow).where(TokenRow.hash == hash_token(secret)))
+            if row is not None:
+                if row.revoked_at is not None:
+                    raise ControllerError(f"token {row.id} was revoked; pass a new one", "conflict", 409)
+                return _token_info(row)
+        info, _ = self.create_token(user, role, now, note=note, secret=secret)
+        return info
+
+    def authenticate(self, secret: str, now: float) -> Principal:
+        with self._read() as s:
+            row = s.scalar(select(TokenRow).where(TokenRow.hash == hash_token(secret)))
+            if row is None:
+                raise AuthFailed("invalid token: check --token or GPUPOOL_TOKEN")
+            if row.revoked_at is not None:
+                raise AuthFailed(f"token {row.id} was revoked")
+            if row.expires_at is not None and now >= row.expires_at:
+                raise AuthFailed(f"token {row.id} expired")
+            return Principal(row.user, row.role, row.id)
+
+    def list_tokens(self) -> list[TokenInfo]:
+        with self._read() as s:
+            return [_token_info(r) for r in s.scalars(select(TokenRow).order_by(TokenRow.created_at))]
+
+    def revoke_token(self, token_id: str, now: float) -> TokenInfo:
+        with self._write() as s:
+            row = s.get(TokenRow, token_id)
+            if row is None:
+                raise NotFound(f"no token {token_id!r}", "not_found", 404)
+            if row.revoked_at is None:
+                row.revoked_at = now
+            return _token_info(row)
+
+    def set_quota(self, user: str, quota_gpus: float | None, now: float) -> UserInfo:
+        with self._write() as s:
+            row = self._ensure_user(s, user, now)
+            row.quota_gpus = quota_gpus
+            self._schedule(s, now)  # a raised quota may let waiting requests through
+        return self.get_user(user, now)
+
+    def get_user(self, user: str, now: float) -> UserInfo:
+        with self._read() as s:
+            row = s.get(UserRow, user)
+            if row is None:
+                raise NotFound(f"no user {user!r}", "not_found", 404)
+            return UserInfo(row.name, row.quota_gpus, float(self._usage(s, now).get(user, Fraction(0))))
+
+    def list_users(self, now: float) -> list[UserInfo]:
+        with self._read() as s:
+            usage = self._usage(s, now)
+            return [UserInfo(r.name, r.quota_gpus, float(usage.get(r.name, Fraction(0))))
+                    for r in s.scalars(select(UserRow).order_by(UserRow.name))]
+
+    # -- servers --------------------------------------------------------------------------------
+
+    def _server(self, s: Session, ref: str) -> ServerRow:
+        row = s.get(ServerRow, ref) or s.scalar(select(ServerRow).where(ServerRow.name == ref))
+        if row is None:
+            raise NotFound(f"no server {ref!r} (give its id or name; `gpupool status` lists them)", "not_found", 404)
+        return row
+
+    def register_server(self, owner: Principal, name: str, address: str, labels: dict[str, str],
+                        gpus: Sequence[GpuSpec], now: float) -> ServerInfo:
+        """Add a server, or update one registering again under the same name (a restart).
+
+        Leases on a GPU that is gone, or whose uuid or memory changed, end ("gpu_gone"); the others
+        stay, so a server that re-registers after a network blip keeps its sessions' leases.
+        """
+        with self._write() as s:
+            row = s.scalar(select(ServerRow).where(ServerRow.name == name))
+            if row is None:
+                row = ServerRow(id=_new_id("s"), name=name, address=address, owner=owner.user, labels=labels,
+                                state="up", draining=False, registered_at=now, last_heartbeat=now)
+                s.add(row)
+                s.flush()
+            else:
+                if row.owner != owner.user and not owner.admin:
+                    raise ControllerError(f"server {name!r} is registered by another user ({row.owner})",
+                                          "forbidden", 403)
+                row.address, row.labels, row.state, row.last_heartbeat = address, labels, "up", now
+                row.registered_at = now
+            old = {g.index: g for g in s.scalars(select(GpuRow).where(GpuRow.server_id == row.id))}
+            for spec in gpus:
+                g = old.pop(spec.index, None)
+                if g is None:
+                    s.add(GpuRow(id=f"{row.id}-{spec.index}", server_id=row.id, index=spec.index, uuid=spec.uuid,
+                                 model=spec.model, kind=spec.kind, memory_bytes=spec.memory_bytes,
+                                 labels=spec.labels, present=True))
+                    continue
+                if g.uuid != spec.uuid or g.memory_bytes != spec.memory_bytes or not g.present:
+                    self._end_leases_on_gpus(s, [g.id], "gpu_gone", now)
+                g.uuid, g.model, g.kind, g.memory_bytes = spec.uuid, spec.model, spec.kind, spec.memory_bytes
+                g.labels, g.present = spec.labels, True
+            for g in old.values():
+                self._end_leases_on_gpus(s, [g.id], "gpu_gone", now)
+                g.present = False
+            s.flush()
+            self._schedule(s, now)
+            return self._server_info(s, row)
+
+    def heartbeat(self, caller: Principal, ref: str, usage: Sequence[GpuUsage], now: float
+                  ) -> tuple[ServerInfo, list[LeaseInfo]]:
+        """Record that a server lives and what its GPUs use; return its active leases.
+
+        The answer's lease list is how a server learns that a lease ended early (released, or
+        expired here): it ends sessions whose lease is no longer listed. See Note [Lease expiry].
+        """
+        with self._write() as s:
+            row = self._server(s, ref)
+            if row.owner != caller.user and not caller.admin:
+                raise ControllerError(f"server {ref!r} is registered by another user", "forbidden", 403)
+            was_down = row.state == "down"
+            row.last_heartbeat, row.state = now, "up"
+            gpus = {g.index: g for g in s.scalars(select(GpuRow).where(GpuRow.server_id == row.id))}
+            for u in usage:
+                g = gpus.get(u.index)
+                if g is not None:
+                    g.used_bytes, g.utilization, g.sessions = u.used_bytes, u.utilization, u.sessions
+            if was_down:
+                self._schedule(s, now)
+            else:
+                self._expire(s, now)
+            leases = s.scalars(select(LeaseRow).where(LeaseRow.server_id == row.id, LeaseRow.state == "active"))
+            return self._server_info(s, row), [self._lease_info(s, lr, now) for lr in leases]
+
+    def set_draining(self, ref: str, draining: bool, now: float) -> ServerInfo:
+        with self._write() as s:
+            row = self._server(s, ref)
+            row.draining = draining
+            self._schedule(s, now)
+            return self._server_info(s, row)
+
+    def list_servers(self) -> list[ServerInfo]:
+        with self._read() as s:
+            return [self._server_info(s, r) for r in s.scalars(select(ServerRow).order_by(ServerRow.name))]
+
+    def list_gpus(self, now: float) -> list[GpuInfo]:
+        with self._read() as s:
+            alloc = self._allocations(s, now)
+            out = []
+            rows = s.execute(select(GpuRow, ServerRow).join(ServerRow, GpuRow.server_id == ServerRow.id)
+                             .where(GpuRow.present).order_by(ServerRow.name, GpuRow.index))
+            for g, srv in rows:
+                a_bytes, excl, n = alloc.get(g.id, (0, False, 0))
+                out.append(GpuInfo(g.id, srv.id, srv.name, srv.address, srv.state, srv.draining, g.index, g.uuid,
+                                   g.model, g.kind, g.memory_bytes, a_bytes, excl, n, g.used_bytes,
+                                   g.utilization, g.sessions, dict(g.labels or {})))
+            return out
+
+    def _server_info(self, s: Session, r: ServerRow) -> ServerInfo:
+        n = len(list(s.scalars(select(GpuRow.id).where(GpuRow.server_id == r.id, GpuRow.present))))
+        return ServerInfo(r.id, r.name, r.address, r.owner, r.state, r.draining, dict(r.labels or {}),
+                          r.registered_at, r.last_heartbeat, n)
+
+    # -- sweeping: server liveness, lease expiry, queue deadlines --------------------------------
+
+    def sweep(self, now: float, down_after_s: float, alive_since: float) -> SweepResult:
+        """Mark servers that missed their heartbeats down (ending their leases), expire leases and
+        queue entries, and serve the queue with what that freed.
+
+        Note: a server counts as heard from at `alive_since` at the latest (the controller's start),
+        so a controller that was itself down for a while does not mark every server down at start.
+        """
+        with self._write() as s:
+            down = []
+            for row in s.scalars(select(ServerRow).where(ServerRow.state == "up")):
+                if now - max(row.last_heartbeat, alive_since) > down_after_s:
+                    row.state = "down"
+                    down.append(row.id)
+            ended = 0
+            if down:
+                gpu_ids = list(s.scalars(select(GpuRow.id).where(GpuRow.server_id.in_(down))))
+                ended += self._end_leases_on_gpus(s, gpu_ids, "server_down", now)
+            ended += self._expire(s, now)
+            granted = self._schedule(s, now)
+            return SweepResult(down, ended, bool(down or ended or granted))
+
+    def _expire(self, s: Session, now: float) -> int:
+        """End leases past their expiry and queue entries past their deadline.
+
+        Note [Lease expiry]: a lease is held while state == "active" and now < expires_at. Every
+        write transaction calls this before it looks at allocations, so a lease past its expiry
+        never counts as held, even if the sweeper has not run yet.
+        """
+        if s.info.get("expired_at") == now:
+            return 0  # already done in this transaction
+        s.info["expired_at"] = now
+        n = 0
+        for lr in s.scalars(select(LeaseRow).where(LeaseRow.state == "active", LeaseRow.expires_at <= now)):
+            lr.state, lr.ended_at = "expired", lr.expires_at
+            n += 1
+        # A request with wait 0 has deadline == now: it is still considered once, then refused.
+        for q in s.scalars(select(QueueRow).where(QueueRow.state == "waiting", QueueRow.deadline < now)):
+            self._time_out(s, q, now)
+            n += 1
+            s.info["changed_entries"].add(q.id)
+        if n:
+            s.flush()
+        return n
+
+    def _time_out(self, s: Session, q: QueueRow, now: float) -> None:
+        code, why = self._why_waiting(s, q, request_from_json(q.request), now)
+        q.state, q.code = "timed_out", code
+        q.reason = f"gave up after waiting {q.deadline - q.created_at:g} s: {why}"
+
+    def _end_leases_on_gpus(self, s: Session, gpu_ids: Sequence[str], state: str, now: float) -> int:
+        if not gpu_ids:
+            return 0
+        ids = set(s.scalars(select(LeaseGpuRow.lease_id).where(LeaseGpuRow.gpu_id.in_(gpu_ids))))
+        n = 0
+        for lr in s.scalars(select(LeaseRow).where(LeaseRow.id.in_(ids), LeaseRow.state == "active")):
+            lr.state, lr.ended_at = state, now
+            n += 1
+        s.flush()
+        return n
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def _allocations(self, s: Session, now: float) -> dict[str, tuple[int, bool, int]]:
+        """Per GPU id: (bytes held by leases held at `now`, held whole?, number of leases)."""
+        out: dict[str, tuple[int, bool, int]] = {}
+        rows = s.execute(select(LeaseGpuRow.gpu_id, LeaseGpuRow.bytes, LeaseRow.exclusive)
+                         .join(LeaseRow, LeaseRow.id == LeaseGpuRow.lease_id)
+                         .where(LeaseRow.state == "active", LeaseRow.expires_at > now))
+        for gpu_id, nbytes, excl in rows:
+            b, e, n = out.get(gpu_id, (0, False, 0))
+            out[gpu_id] = (b + nbytes, e or excl, n + 1)
+        return out
+
+    def _usage(self, s: Session, now: float) -> dict[str, Fraction]:
+        """GPUs' worth of memory each user holds at `now` (the quota unit)."""
+        out: dict[str, Fraction] = {}
+        rows = s.execute(select(LeaseRow.user, LeaseGpuRow.bytes, GpuRow.memory_bytes)
+                         .join(LeaseGpuRow, LeaseGpuRow.lease_id == LeaseRow.id)
+                         .join(GpuRow, GpuRow.id == LeaseGpuRow.gpu_id)
+                         .where(LeaseRow.state == "active", LeaseRow.expires_at > now))
+        for user, nbytes, mem in rows:
+            out[user] = out.get(user, Fraction(0)) + Fraction(nbytes, mem)
+        return out
+
+    def _snapshot(self, s: Session, now: float) -> sched.Snapshot:
+        alloc = self._allocations(s, now)
+        by_server: dict[str, list[sched.GpuView]] = {}
+        for g in s.scalars(select(GpuRow).where(GpuRow.present).order_by(GpuRow.server_id, GpuRow.index)):
+            b, e, n = alloc.get(g.id, (0, False, 0))
+            by_server.setdefault(g.server_id, []).append(sched.GpuView(
+                g.id, g.index, g.memory_bytes, model=g.model, kind=g.kind, uuid=g.uuid,
+                labels=dict(g.labels or {}), allocated_bytes=b, exclusive=e, leases=n))
+        servers = []
+        for srv in s.scalars(select(ServerRow).order_by(ServerRow.id)):
+            gpus = by_server.get(srv.id, [])
+            servers.append(sched.ServerView(srv.id, srv.name, srv.address, tuple(gpus),
+                                            state="up" if srv.state == "up" else "down",
+                                            draining=srv.draining, labels=dict(srv.labels or {})))
+        return sched.Snapshot(tuple(servers))
+
+    def _schedule(self, s: Session, now: float) -> list[str]:
+        """Serve the queue on the current pool; returns the ids of the entries granted.
+
+        Must run inside a write transaction (Note [Write serialization]).
+        """
+        self._expire(s, now)
+        waiting = list(s.scalars(select(QueueRow).where(QueueRow.state == "waiting")))
+        if not waiting:
+            return []
+        snap = self._snapshot(s, now)
+        items = [sched.QueueItem(q.id, q.user, request_from_json(q.request), q.priority, q.seq) for q in waiting]
+        quotas: dict[str, Fraction | None] = {}
+        for u in {q.user for q in waiting}:
+            row = s.get(UserRow, u)
+            quotas[u] = None if row is None or row.quota_gpus is None else Fraction(row.quota_gpus)
+        decisions, _ = sched.schedule_queue(snap, items, self._usage(s, now), quotas)
+        by_id = {q.id: q for q in waiting}
+        granted = []
+        for d in decisions:
+            q = by_id[d.item_id]
+            s.info["changed_entries"].add(q.id)
+            if isinstance(d, sched.Reject):
+                q.state, q.code, q.reason = "rejected", d.code, d.reason
+                continue
+            lease = self._grant(s, q, d.placement, snap, now)
+            q.state, q.lease_id = "granted", lease.id
+            granted.append(q.id)
+        s.flush()
+        return granted
+
+    def _grant(self, s: Session, q: QueueRow, p: sched.Placement, snap: sched.Snapshot, now: float) -> LeaseRow:
+        # Belt and braces for Note [No over-commit]: re-check the chosen GPUs against the rows.
+        alloc = self._allocations(s, now)
+        for g in p.gpus:
+            b, excl, n = alloc.get(g.gpu_id, (0, False, 0))
+            mem = snap.gpu(g.gpu_id).memory_bytes
+            if excl or b + g.bytes > mem or (p.exclusive and n):
+                raise RuntimeError(f"scheduler bug: GPU {g.gpu_id} would be over-committed")
+        server = s.get(ServerRow, p.server_id)
+        assert server is not None
+        lease_id = _new_id("l")
+        expires = now + q.ttl_s
+        claims = leasing.LeaseClaims(
+            lease_id, q.user, p.address, p.server_id,
+            tuple(leasing.LeaseGpu(g.index, g.uuid, g.bytes) for g in p.gpus),
+            p.exclusive, int(now * 1000), int(expires * 1000))
+        row = LeaseRow(id=lease_id, user=q.user, server_id=p.server_id, address=p.address, state="active",
+                       exclusive=p.exclusive, ttl_s=q.ttl_s, created_at=now, expires_at=claims.expires_at,
+                       ended_at=None, entry_id=q.id, text=leasing.sign_lease(claims, self.signing_key()))
+        s.add(row)
+        s.flush()
+        for g in p.gpus:
+            s.add(LeaseGpuRow(lease_id=lease_id, gpu_id=g.gpu_id, bytes=g.bytes))
+        s.flush()
+        return row
+
+    # -- requests and the queue -----------------------------------------------------------------
+
+    def submit(self, caller: Principal, req: sched.Request, priority: int, ttl_s: float, wait_s: float,
+               now: float) -> EntryInfo:
+        """Queue a request and serve the queue at once.
+
+        The entry comes back "granted" (with its lease), "waiting" (until `now + wait_s`), or, when
+        `wait_s` is 0 and it was not granted at once, "refused" with the reason: it never waits.
+        Raises NoCapacity("unsatisfiable") when no GPU in the pool could ever take it and
+        QuotaExceeded when it alone is more than the user's quota.
+        """
+        with self._write() as s:
+            self._expire(s, now)
+            snap = self._snapshot(s, now)
+            empty = sched.emptied(snap)
+            if sched.place(req, empty) is None:
+                raise NoCapacity(f"no capacity: {sched.explain(req, empty)}", "unsatisfiable", 409)
+            user = self._ensure_user(s, caller.user, now)
+            if user.quota_gpus is not None:
+                floor = sched.least_worth(req, empty) or Fraction(0)
+                if floor > Fraction(user.quota_gpus):
+                    raise QuotaExceeded(f"the request needs at least {float(floor):g} GPUs' worth of memory, but "
+                                        f"{caller.user}'s quota is {user.quota_gpus:g}", "quota_exceeded", 403)
+            q = QueueRow(id=_new_id("q"), user=caller.user, request=request_to_json(req), priority=priority,
+                         ttl_s=ttl_s, created_at=now, deadline=now + wait_s, state="waiting", code="", reason="")
+            s.add(q)
+            s.flush()
+            self._schedule(s, now)
+            if q.state == "waiting" and wait_s <= 0:
+                q.state = "refused"
+                q.code, q.reason = self._why_waiting(s, q, req, now)
+            return self._entry_info(s, q, now)
+
+    def _why_waiting(self, s: Session, q: QueueRow, req: sched.Request, now: float) -> tuple[str, str]:
+        snap = self._snapshot(s, now)
+        row = s.get(UserRow, q.user)
+        if row is not None and row.quota_gpus is not None:
+            used = self._usage(s, now).get(q.user, Fraction(0))
+            floor = sched.least_worth(req, sched.emptied(snap)) or Fraction(0)
+            if used + floor > Fraction(row.quota_gpus):
+                return "quota_exceeded", (f"{q.user} holds {float(used):g} GPUs' worth of memory; this request "
+                                          f"needs {float(floor):g} more and the quota is {row.quota_gpus:g}: "
+                                          "release a lease or wait")
+        ahead = self._position(s, q) - 1
+        if sched.place(req, snap) is not None and ahead:
+            return "no_capacity", f"no capacity: {ahead} earlier request(s) in the queue are served first"
+        why = sched.explain(req, snap)
+        return "no_capacity", f"no capacity: {why}" + (f"; {ahead} request(s) ahead in the queue" if ahead else "")
+
+    def _position(self, s: Session, q: QueueRow) -> int:
+        waiting = s.execute(select(QueueRow.id, QueueRow.priority, QueueRow.seq).where(QueueRow.state == "waiting"))
+        items = [sched.QueueItem(i, "", sched.Request(), p, sq) for i, p, sq in waiting]
+        if q.id not in {i.id for i in items}:
+            items.append(sched.QueueItem(q.id, "", sched.Request(), q.priority, q.seq))
+        return sched.queue_position(items, q.id)
+
+    def _entry_row(self, s: Session, entry_id: str, caller: Principal) -> QueueRow:
+        q = s.scalar(select(QueueRow).where(QueueRow.id == entry_id))
+        if q is None or (q.user != caller.user and not caller.admin):
+            raise NotFound(f"no queue entry {entry_id!r}", "not_found", 404)
+        return q
+
+    def get_entry(self, entry_id: str, caller: Principal, now: float) -> EntryInfo:
+        with self._read() as s:
+            return self._entry_info(s, self._entry_row(s, entry_id, caller), now)
+
+    def cancel_entry(self, entry_id: str, caller: Principal, now: float, state: str = "cancelled") -> EntryInfo:
+        """Stop waiting. An entry already granted stays granted (the caller gets its lease)."""
+        with self._write() as s:
+            q = self._entry_row(s, entry_id, caller)
+            if q.state == "waiting":
+                s.info["changed_entries"].add(q.id)
+                if state == "timed_out":
+                    self._time_out(s, q, now)
+                else:
+                    q.state, q.code, q.reason = state, "cancelled", "cancelled while waiting"
+                self._schedule(s, now)  # the queue behind it may move now
+            return self._entry_info(s, q, now)
+
+    def list_entries(self, caller: Principal, now: float, waiting_only: bool = True) -> list[EntryInfo]:
+        with self._read() as s:
+            query = select(QueueRow).order_by(QueueRow.seq)
+            if waiting_only:
+                query = query.where(QueueRow.state == "waiting")
+            if not caller.admin:
+                query = query.where(QueueRow.user == caller.user)
+            return [self._entry_info(s, q, now) for q in s.scalars(query)]
+
+    def _entry_info(self, s: Session, q: QueueRow, now: float) -> EntryInfo:
+        lease = None
+        if q.lease_id:
+            lr = s.get(LeaseRow, q.lease_id)
+            lease = self._lease_info(s, lr, now) if lr is not None else None
+        pos = self._position(s, q) if q.state == "waiting" else None
+        return EntryInfo(q.id, q.user, q.state, q.priority, pos, q.created_at, q.deadline, q.code, q.reason, lease)
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def _lease_row(self, s: Session, lease_id: str, caller: Principal) -> LeaseRow:
+        lr = s.get(LeaseRow, lease_id)
+        if lr is None or (lr.user != caller.user and not caller.admin):
+            raise NotFound(f"no lease {lease_id!r} (yours are listed by `gpupool list --leases`)", "not_found", 404)
+        return lr
+
+    def _lease_info(self, s: Session, lr: LeaseRow, now: float) -> LeaseInfo:
+        """The lease as the API shows it. A lease past its expiry reads "expired" even before the
+        sweeper has written that (Note [Lease expiry])."""
+        rows = s.execute(select(LeaseGpuRow, GpuRow).join(GpuRow, GpuRow.id == LeaseGpuRow.gpu_id)
+                         .where(LeaseGpuRow.lease_id == lr.id).order_by(GpuRow.index))
+        gpus = tuple(LeaseGpuInfo(g.id, g.index, g.uuid, g.model, g.kind, g.memory_bytes, lg.bytes) for lg, g in rows)
+        srv = s.get(ServerRow, lr.server_id)
+        state = "expired" if lr.state == "active" and lr.expires_at <= now else lr.state
+        return LeaseInfo(lr.id, lr.user, lr.server_id, srv.name if srv else "", lr.address, state, lr.exclusive,
+                         gpus, lr.created_at, lr.expires_at, lr.ended_at, lr.text)
+
+    def get_lease(self, lease_id: str, caller: Principal, now: float) -> LeaseInfo:
+        with self._read() as s:
+            return self._lease_info(s, self._lease_row(s, lease_id, caller), now)
+
+    def list_leases(self, caller: Principal, now: float, include_ended: bool = False) -> list[LeaseInfo]:
+        """The caller's leases; an admin's list has everyone's."""
+        with self._read() as s:
+            query = select(LeaseRow).order_by(LeaseRow.created_at, LeaseRow.id)
+            if not include_ended:
+                query = query.where(LeaseRow.state == "active", LeaseRow.expires_at > now)
+            if not caller.admin:
+                query = query.where(LeaseRow.user == caller.user)
+            return [self._lease_info(s, lr, now) for lr in s.scalars(query)]
+
+    def renew(self, lease_id: str, caller: Principal, ttl_s: float | None, now: float) -> LeaseInfo:
+        """Push the expiry to `now + ttl` (the lease's own TTL by default) and sign it again."""
+        with self._write() as s:
+            self._expire(s, now)
+            lr = self._lease_row(s, lease_id, caller)
+            if lr.state != "active":
+                raise LeaseExpired(f"lease {lease_id} has ended ({_ended_words(lr.state)}): request a new one")
+            ttl = lr.ttl_s if ttl_s is None else ttl_s
+            claims = replace(leasing.decode_lease(lr.text), expires_at_ms=int((now + ttl) * 1000))
+            lr.ttl_s, lr.expires_at = ttl, claims.expires_at
+            lr.text = leasing.sign_lease(claims, self.signing_key())
+            s.flush()
+            return self._lease_info(s, lr, now)
+
+    def release(self, lease_id: str, caller: Principal, now: float) -> LeaseInfo:
+        """End a lease and hand its GPUs to the queue. Releasing an ended lease is an error that
+        says how it ended (so a client learns its lease had expired)."""
+        with self._write() as s:
+            self._expire(s, now)
+            lr = self._lease_row(s, lease_id, caller)
+            if lr.state != "active":
+                raise LeaseExpired(f"lease {lease_id} had already ended ({_ended_words(lr.state)})")
+            lr.state, lr.ended_at = "released", now
+            s.flush()
+            self._schedule(s, now)
+            return self._lease_info(s, lr, now)
+
+    def counts(self, now: float) -> dict[str, int]:
+        """Numbers for the status page."""
+        with self._read() as s:
+            active = select(LeaseRow.id).where(LeaseRow.state == "active", LeaseRow.expires_at > now)
+            return {
+                "leases_active": len(list(s.scalars(active))),
+                "queue_waiting": len(list(s.scalars(select(QueueRow.id).where(QueueRow.state == "waiting")))),
+            }
+
+
+def _ended_words(state: str) -> str:
+    return {"released": "released", "expired": "expired: it was not renewed in time",
+            "server_down": "its server stopped answering", "gpu_gone": "its GPU left the server"}.get(state, state)
+
+
+def _token_info(r: TokenRow) -> TokenInfo:
+    return TokenInfo(r.id, r.user, r.role, r.note, r.created_at, r.expires_at, r.revoked_at)
+
+
+def _sqlite_transactions(engine: Engine, begin: str) -> None:
+    """Let SQLAlchemy, not pysqlite, start transactions, so writers can take the write lock up
+    front with BEGIN IMMEDIATE (Note [Write serialization])."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
