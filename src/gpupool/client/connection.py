@@ -31,6 +31,7 @@ from gpupool.errors import (
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter
 from gpupool.protocol.version import PROTOCOL_VERSION
+from gpupool.torchcodec import DTYPES
 
 #: Send without waiting once this many commands are queued.
 MAX_PENDING = 512
@@ -55,6 +56,19 @@ def _user_location() -> str:
     return "<unknown>"
 
 
+def _reply_ext_hook(code: int, data: memoryview) -> Any:
+    """The protocol's reply extensions, with dtypes as torch dtypes."""
+    v = m.reply_ext_hook(code, data)
+    if isinstance(v, m.DtypeName):
+        if v not in DTYPES:
+            raise msgspec.ValidationError(f"dtype {v!r} does not exist in this torch")
+        return DTYPES[v]
+    return v
+
+
+_reply_decoder = m.make_decoder(m.ServerMessage, ext_hook=_reply_ext_hook)
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -70,12 +84,20 @@ class Connection:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
             raise ConnectError(f"cannot reach gpupool server at {address}: {e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._writer = FrameWriter(sock)
         self._reader = FrameReader(sock)
-        self._writer.send(m.plain_encoder.encode(m.Hello(protocol=PROTOCOL_VERSION, token=token, client=socket.gethostname())))
-        reply = self._read_reply()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = m.Hello(protocol=PROTOCOL_VERSION, token=token, client=socket.gethostname())
+            self._writer.send(m.plain_encoder.encode(hello))
+            reply = self._read_reply()
+        except ServerLost as e:
+            sock.close()
+            raise ConnectError(f"{address} closed the connection during the handshake: {e}") from None
+        except BaseException:
+            sock.close()
+            raise
         if isinstance(reply, m.Refused):
             sock.close()
             if reply.code == "auth":
@@ -84,6 +106,7 @@ class Connection:
                 raise VersionMismatch(reply.message)
             raise ConnectError(f"{address} refused the session: {reply.message}")
         if not isinstance(reply, m.Welcome):
+            sock.close()
             raise ProtocolError(f"expected a welcome, got {type(reply).__name__}")
         sock.settimeout(None)
         self.welcome: m.Welcome = reply
@@ -156,10 +179,13 @@ class Connection:
                 self._check_open()
                 self._flush_locked()
 
-    def _flush_locked(self) -> None:
+    def _queue_frees(self) -> None:
         if self.frees:
             frees, self.frees = self.frees, []
             self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Free(frees))))
+
+    def _flush_locked(self) -> None:
+        self._queue_frees()
         if not self._cmds:
             return
         cmds, self._cmds = self._cmds, []
@@ -175,22 +201,26 @@ class Connection:
 
     def _read_reply(self) -> Any:
         raw, _ = self._reader.read_message()
-        try:
-            return m.server_message_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise ProtocolError(f"malformed reply from the server: {e}") from e
+        return m.decode(_reply_decoder, raw, "reply from the server")
 
     def request(self, cmd: Any, into: memoryview | None = None) -> Any:
         """Send `cmd` with everything queued before it and wait for its reply (a sync point)."""
         with self._lock:
             self._check_open()
+            # Note: frees go *before* the request: their tensors died before it was made, so no
+            # queued command still uses them, and the reply (e.g. memory in use) reflects them.
+            self._queue_frees()
             self._cmds.append(cmd if isinstance(cmd, msgspec.Raw) else msgspec.Raw(m.plain_encoder.encode(cmd)))
             self._flush_locked()
             try:
                 reply = self._read_reply()
                 if isinstance(reply, m.Refused):
                     self.lost = f"the server ended the session: {reply.message}"
-                    raise ProtocolError(self.lost)
+                    if reply.code == "protocol":
+                        raise ProtocolError(self.lost)
+                    if reply.code == "oom":
+                        raise ShareExceeded(self.lost)
+                    raise ServerLost(self.lost)
                 err = getattr(reply, "error", None)
                 if isinstance(reply, m.Data) and err is None:
                     if into is not None:
@@ -198,8 +228,13 @@ class Connection:
                     else:
                         into = memoryview(self._reader.read_buffer())
             except ServerLost as e:
-                self.lost = f"lost the gpupool server at {self.address}: {e}"
+                self.lost = self.lost or f"lost the gpupool server at {self.address}: {e}"
                 raise ServerLost(self.lost) from None
+            except ProtocolError as e:
+                # Note: after a malformed or unexpected frame the stream cannot be trusted to be
+                # in step any more: the session is over.
+                self.lost = self.lost or f"the session with {self.address} broke: {e}"
+                raise
             where = self._where
             self._where = {}
         if err is not None:

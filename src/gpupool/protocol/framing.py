@@ -13,21 +13,31 @@ Note: buffers are read by the consumer *after* it decoded the message, straight 
 allocated for them (`recv_into` in slices of at most 256 KiB, the fastest way measured on
 loopback). The reader enforces that every announced buffer byte is consumed or skipped before the
 next frame, so a consumer that fails half-way cannot desynchronise the stream.
+
+Note [No read-ahead]: the reader never receives a byte past the end of what it was asked for; it
+keeps no user-space buffer. The listener relies on this: it reads the `Hello` frame and then
+hands the socket to a worker process, which must find the next frame's first byte in the kernel.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import time
+from collections.abc import Iterable
 
 from gpupool.errors import ProtocolError, ServerLost
 
 MAGIC = b"GP"
 _HEAD = struct.Struct("<2sHI")
 _LEN = struct.Struct("<Q")
+HEADER_SIZE = _HEAD.size
 RECV_SLICE = 256 * 1024
 #: Writes smaller than this are coalesced with the frame header into one `sendall`.
 COALESCE = 64 * 1024
+#: The most the header format can express.
+MAX_BUFFERS_FORMAT = 0xFFFF
+MAX_MESSAGE_FORMAT = 0xFFFF_FFFF
 
 
 class Limits:
@@ -41,7 +51,17 @@ class Limits:
     ) -> None:
         self.max_message = max_message
         self.max_buffers = max_buffers
+        #: Total over all buffers of one frame.
         self.max_buffer_bytes = max_buffer_bytes
+
+
+def encode_header(message_len: int, buffer_lens: list[int] | tuple[int, ...]) -> bytes:
+    """The bytes that precede a frame's message: magic, counts, and each buffer's length."""
+    if len(buffer_lens) > MAX_BUFFERS_FORMAT:
+        raise ProtocolError(f"{len(buffer_lens)} buffers do not fit in one frame")
+    if message_len > MAX_MESSAGE_FORMAT:
+        raise ProtocolError(f"message of {message_len} bytes does not fit in one frame")
+    return _HEAD.pack(MAGIC, len(buffer_lens), message_len) + b"".join(_LEN.pack(n) for n in buffer_lens)
 
 
 class FrameWriter:
@@ -51,30 +71,59 @@ class FrameWriter:
         self._sock = sock
 
     def send(self, message: bytes, buffers: list[memoryview] | tuple[memoryview, ...] = ()) -> None:
-        head = bytearray(_HEAD.pack(MAGIC, len(buffers), len(message)))
-        for b in buffers:
-            head += _LEN.pack(b.nbytes)
+        """Send one frame: small parts go out in one write, large buffers without a copy."""
+        views = [b if (b.format == "B" and b.ndim == 1) else b.cast("B") for b in buffers]
+        head = bytearray(encode_header(len(message), [b.nbytes for b in views]))
         head += message
         try:
-            for b in buffers:
+            for b in views:
                 if b.nbytes < COALESCE:
                     head += b
                 else:
-                    self._sock.sendall(head)
-                    head = bytearray()
+                    if head:
+                        self._sock.sendall(head)
+                        head = bytearray()
                     self._sock.sendall(b)
             if head:
                 self._sock.sendall(head)
         except OSError as e:
             raise ServerLost(f"connection lost while sending: {e}") from e
 
+    def send_stream(self, message: bytes, nbytes: int, chunks: Iterable[memoryview]) -> None:
+        """Send a frame with one buffer of `nbytes`, produced piecewise by `chunks`.
+
+        For data that does not exist in one piece (a strided tensor gathered slice by slice), so
+        the sender never holds a full copy. If the chunks do not add up to `nbytes` the stream is
+        broken: `ProtocolError` is raised and the connection must be closed.
+        """
+        head = bytearray(encode_header(len(message), [nbytes]))
+        head += message
+        sent = 0
+        try:
+            self._sock.sendall(head)
+            for c in chunks:
+                c = c if (c.format == "B" and c.ndim == 1) else c.cast("B")
+                sent += c.nbytes
+                if sent > nbytes:
+                    break
+                self._sock.sendall(c)
+        except OSError as e:
+            raise ServerLost(f"connection lost while sending: {e}") from e
+        if sent != nbytes:
+            raise ProtocolError(f"a buffer of {nbytes} bytes was announced and {sent} produced")
+
 
 class FrameReader:
-    """Receives frames: `read_message()` first, then each announced buffer in order."""
+    """Receives frames: `read_message()` first, then each announced buffer in order.
 
-    def __init__(self, sock: socket.socket, limits: Limits | None = None) -> None:
+    With `deadline` (a `time.monotonic()` value) every receive gives up at that moment, however
+    the peer dribbles its bytes: this is what stops a slow handshake from holding a thread.
+    """
+
+    def __init__(self, sock: socket.socket, limits: Limits | None = None, deadline: float | None = None) -> None:
         self._sock = sock
         self.limits = limits or Limits()
+        self.deadline = deadline
         self._pending: list[int] = []
         self._small = bytearray(_HEAD.size)
 
@@ -88,18 +137,27 @@ class FrameReader:
         n = view.nbytes
         while got < n:
             end = min(n, got + RECV_SLICE)
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerLost("timed out waiting for the peer")
+                self._sock.settimeout(left)
             try:
                 k = self._sock.recv_into(view[got:end], end - got)
+            except TimeoutError as e:
+                raise ServerLost("timed out waiting for the peer") from e
             except OSError as e:
                 raise ServerLost(f"connection lost while receiving: {e}") from e
             if k == 0:
                 raise ServerLost("peer closed the connection")
             got += k
 
-    def read_message(self) -> tuple[bytes, list[int]]:
+    def read_message(self) -> tuple[bytearray, list[int]]:
         """Read one frame's header and message; returns the message and its buffer sizes.
 
-        Raises `ServerLost` when the peer closes before a frame starts or mid-frame.
+        Raises `ServerLost` when the peer closes before a frame starts or mid-frame, and
+        `ProtocolError` for a frame that is not gpupool's or is over the limits (checked before
+        anything of that size is allocated).
         """
         self.skip_pending()
         head = memoryview(self._small)
@@ -127,8 +185,8 @@ class FrameReader:
                 )
         msg = bytearray(msglen)
         self._recv_exact_into(memoryview(msg))
-        self._pending = sizes
-        return bytes(msg), sizes
+        self._pending = list(sizes)  # Note: a copy; the caller may keep the returned list
+        return msg, sizes
 
     def read_buffer_into(self, view: memoryview) -> None:
         """Receive the next buffer of the current frame into `view` (exactly its size)."""
@@ -151,6 +209,8 @@ class FrameReader:
 
     def skip_next(self) -> None:
         """Discard the next buffer of the current frame."""
+        if not self._pending:
+            raise ProtocolError("no buffer left in this frame")
         n = self._pending.pop(0)
         scratch = memoryview(bytearray(min(n, RECV_SLICE)))
         while n:

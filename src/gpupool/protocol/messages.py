@@ -16,6 +16,9 @@ from typing import Any
 
 import msgspec
 
+from gpupool.errors import ProtocolError
+from gpupool.protocol.dtypes import DTYPE_NAMES
+
 
 class ExtCode:
     """msgpack extension codes used inside op arguments."""
@@ -31,6 +34,7 @@ class ExtCode:
 
 HANDLE = struct.Struct("<Q")
 COMPLEX = struct.Struct("<dd")
+#: Largest extension payload (an inline host tensor) a decoder accepts.
 MAX_EXT_BYTES = 64 * 1024
 
 
@@ -191,6 +195,25 @@ def _reject_ext(code: int, data: memoryview) -> Any:
     raise msgspec.ValidationError(f"unexpected extension type {code}")
 
 
+class DtypeName(str):
+    """A dtype that arrived as an extension value, by its wire name (see `dtypes.DTYPE_NAMES`)."""
+
+
+def reply_ext_hook(code: int, data: memoryview) -> Any:
+    """Extension values a server may put in replies: complex scalars and dtypes."""
+    if code == ExtCode.COMPLEX:
+        if len(data) != COMPLEX.size:
+            raise msgspec.ValidationError("bad complex value")
+        re, im = COMPLEX.unpack(data)
+        return complex(re, im)
+    if code == ExtCode.DTYPE:
+        name = bytes(data[:64]).decode("ascii", "replace")
+        if len(data) > 64 or name not in DTYPE_NAMES:
+            raise msgspec.ValidationError(f"unknown dtype {name!r}")
+        return DtypeName(name)
+    raise msgspec.ValidationError(f"unexpected extension type {code}")
+
+
 def make_decoder(kind: Any, ext_hook: Callable[[int, memoryview], Any] | None = None) -> msgspec.msgpack.Decoder:
     """A strict decoder for `kind`; extension types are refused unless `ext_hook` takes them."""
     return msgspec.msgpack.Decoder(kind, ext_hook=ext_hook or _reject_ext)
@@ -200,6 +223,18 @@ def make_encoder(enc_hook: Callable[[Any], Any] | None = None) -> msgspec.msgpac
     return msgspec.msgpack.Encoder(enc_hook=enc_hook)
 
 
-server_message_decoder = make_decoder(ServerMessage)
+def decode(decoder: msgspec.msgpack.Decoder, raw: bytes | bytearray | memoryview, what: str) -> Any:
+    """Decode with `decoder`; anything malformed becomes one `ProtocolError` naming `what`.
+
+    Note: msgspec signals nesting deeper than the interpreter's recursion limit with
+    `RecursionError`, not a decode error; a peer can send that with a few KiB, so it is caught.
+    """
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+        raise ProtocolError(f"malformed {what}: {e}") from None
+
+
+server_message_decoder = make_decoder(ServerMessage, ext_hook=reply_ext_hook)
 hello_decoder = make_decoder(Hello)
 plain_encoder = make_encoder()

@@ -30,6 +30,28 @@ DENIED = frozenset(
         "aten::set_num_threads",
         "aten::_set_num_threads",
         "aten::_assert_tensor_metadata",
+        # Note: these trust their size/stride/index arguments and read or write outside the
+        # tensor's storage (checked on torch 2.13); eager PyTorch never dispatches them, and a
+        # client could use them to corrupt its worker's memory. Views are also bounds-checked
+        # by the executor after every op, whatever their name.
+        "aten::_reshape_alias",
+        "aten::_reshape_alias_copy",
+        "aten::_reshape_alias_copy.out",
+        "aten::as_strided_scatter",
+        "aten::as_strided_scatter.out",
+        "aten::_unsafe_masked_index",
+        "aten::_unsafe_masked_index_put_accumulate",
+        "aten::_sparse_coo_tensor_unsafe",
+        "aten::_sparse_compressed_tensor_unsafe",
+        "aten::_sparse_csr_tensor_unsafe",
+        "aten::_sparse_csc_tensor_unsafe",
+        "aten::_sparse_bsr_tensor_unsafe",
+        "aten::_sparse_bsc_tensor_unsafe",
+        "aten::_sparse_coo_tensor_with_dims_and_tensors",
+        "aten::_nested_view_from_buffer",
+        "aten::_nested_view_from_buffer_copy",
+        "aten::_nested_view_from_jagged",
+        "aten::_nested_view_from_jagged_copy",
     }
 )
 

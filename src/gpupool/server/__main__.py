@@ -17,15 +17,25 @@ def main() -> None:
     p.add_argument("--memory-limit", default=None)
     p.add_argument("--cpu-gpus", type=int, default=None)
     p.add_argument("--cpu-gpu-memory", default="8GiB")
+    p.add_argument("--handshake-timeout", type=float, default=None, help="seconds a client has to say hello")
     a = p.parse_args()
-    serve(a.listen, a.token, a.memory_limit, a.cpu_gpus, a.cpu_gpu_memory)
+    serve(a.listen, a.token, a.memory_limit, a.cpu_gpus, a.cpu_gpu_memory, a.handshake_timeout)
 
 
-def serve(listen: str, token: str, memory_limit: str | None, cpu_gpus: int | None, cpu_gpu_memory: str) -> None:
+def serve(
+    listen: str,
+    token: str,
+    memory_limit: str | None,
+    cpu_gpus: int | None,
+    cpu_gpu_memory: str,
+    handshake_timeout: float | None = None,
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, _, port = listen.rpartition(":")
     devices = discover(cpu_gpus, parse_bytes(cpu_gpu_memory))
     cfg = ServerConfig(host or "127.0.0.1", int(port), token, devices, parse_bytes(memory_limit) if memory_limit else None)
+    if handshake_timeout is not None:
+        cfg.handshake_timeout = handshake_timeout
     srv = Server(cfg)
 
     def stop(*_: object) -> None:

@@ -7,11 +7,22 @@ Note [Errors are deferred]: like a CUDA stream, commands run asynchronously from
 point of view. The first failure since the last reply is kept in `self.error` and returned with
 the next reply (a sync point); later commands still run, and those that use a handle a failed
 command should have produced fail too (their errors are not reported: the first is the cause).
+
+Note [Checks around an op]: before an op runs, its typed arguments are checked (a device must be
+the session's own; dtype, layout and memory format must be the decoded torch objects, never raw
+integers that aten would take as out-of-range enum values) and, for ops whose output size
+follows from their arguments (factories, `repeat`, `clone`, ...), the bytes it will allocate are
+checked against the share. After it ran, views are checked to lie inside their storage, tensors
+it wrote to are re-measured, and the share is checked again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -30,6 +41,7 @@ from gpupool.torchcodec import (
     host_bytes,
     resolve_op,
 )
+from gpupool.units import format_bytes
 
 log = logging.getLogger("gpupool.server")
 
@@ -51,10 +63,233 @@ class OpFailed(Exception):
 
 def _ext_payload_name(data: memoryview, allowed: dict[str, Any], what: str) -> Any:
     try:
-        name = bytes(data).decode("ascii")
+        name = bytes(data[:64]).decode("ascii")
         return allowed[name]
     except (UnicodeDecodeError, KeyError):
         raise msgspec.ValidationError(f"unknown {what} {bytes(data)[:40]!r}") from None
+
+
+# ---- what the executor knows about each op ---------------------------------------------------
+
+_TYPED_KINDS = {"Device": "device", "ScalarType": "dtype", "Layout": "layout", "MemoryFormat": "memory_format"}
+_KIND_TYPES: dict[str, type] = {
+    "device": torch.device,
+    "dtype": torch.dtype,
+    "layout": torch.layout,
+    "memory_format": torch.memory_format,
+}
+
+#: Estimates the bytes an op will allocate from its bound arguments; None when it cannot tell.
+Estimator = Callable[["Executor", Callable[[str], Any]], "int | None"]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An allowed op and what the executor checks around it (computed once per op name)."""
+
+    fn: torch._ops.OpOverload
+    names: tuple[str, ...]  # schema argument names, by position
+    typed: tuple[tuple[int, str, str], ...]  # (position, name, kind) of device/dtype/... args
+    writes: tuple[tuple[int, str], ...]  # (position, name) of tensor args the op writes to
+    views: bool  # some output aliases an input
+    estimate: Estimator | None
+
+
+def _spec(name: str, fn: torch._ops.OpOverload) -> OpSpec:
+    schema = fn._schema
+    names = tuple(a.name for a in schema.arguments)
+    typed = []
+    writes = []
+    for i, a in enumerate(schema.arguments):
+        real = str(getattr(a, "real_type", a.type))
+        inner = real[len("Optional[") : -1] if real.startswith("Optional[") else real
+        if inner in _TYPED_KINDS:
+            typed.append((i, a.name, _TYPED_KINDS[inner]))
+        elif any(k in real for k in _TYPED_KINDS):
+            # A list or other container of these: no aten op in torch 2.13 has one. Refuse
+            # rather than pass unchecked enum values to C++.
+            raise OpFailed("denied", f"{name} takes {real} arguments, which gpupool cannot check")
+        if a.alias_info is not None and a.alias_info.is_write:
+            writes.append((i, a.name))
+    views = any(r.alias_info is not None for r in schema.returns)
+    base = schema.name.partition("::")[2]
+    overload = fn._overloadname
+    estimate = None if overload.endswith("out") else _ESTIMATORS.get(base)
+    return OpSpec(fn, names, tuple(typed), tuple(writes), views, estimate)
+
+
+def _numel(size: Any) -> int | None:
+    if type(size) is int:
+        return size if size >= 0 else None
+    if not isinstance(size, list):
+        return None
+    n = 1
+    for s in size:
+        if type(s) is not int or s < 0:
+            return None
+        n *= s
+    return n
+
+
+def _itemsize(dtype: Any, default: torch.dtype) -> int:
+    return (dtype if isinstance(dtype, torch.dtype) else default).itemsize
+
+
+def _by_size(default: Callable[[Callable[[str], Any]], torch.dtype] | None = None) -> Estimator:
+    def est(ex: Executor, get: Callable[[str], Any]) -> int | None:
+        n = _numel(get("size"))
+        if n is None:
+            return None
+        if default is not None:
+            dflt = default(get)
+        else:
+            dflt = torch.get_default_dtype()
+        return n * _itemsize(get("dtype"), dflt)
+
+    return est
+
+
+def _self_dtype(get: Callable[[str], Any]) -> torch.dtype:
+    t = get("self")
+    return t.dtype if isinstance(t, torch.Tensor) else torch.get_default_dtype()
+
+
+def _full_dtype(get: Callable[[str], Any]) -> torch.dtype:
+    v = get("fill_value")
+    if isinstance(v, bool):
+        return torch.bool
+    if isinstance(v, int):
+        return torch.int64
+    if isinstance(v, complex):
+        return torch.complex128 if torch.get_default_dtype() == torch.float64 else torch.complex64
+    return torch.get_default_dtype()
+
+
+def _strided(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    size, stride = get("size"), get("stride")
+    if _numel(size) is None or not isinstance(stride, list) or len(stride) != len(size):
+        return None
+    if any(type(s) is not int for s in stride):
+        return None
+    if 0 in size:
+        return 0
+    span = 1 + sum((s - 1) * abs(st) for s, st in zip(size, stride))
+    t = get("self")
+    dflt = t.dtype if isinstance(t, torch.Tensor) else torch.get_default_dtype()
+    return span * _itemsize(get("dtype"), dflt)
+
+
+def _arange(ex: Executor, get: Callable[[str], Any], inclusive: bool = False) -> int | None:
+    start, end, step = get("start"), get("end"), get("step")
+    start = 0 if start is None else start
+    step = 1 if step is None else step
+    nums = (start, end, step)
+    if not all(isinstance(v, (int, float)) for v in nums):
+        return None
+    try:
+        n = math.floor((end - start) / step) + 1 if inclusive else math.ceil((end - start) / step)
+    except (ZeroDivisionError, OverflowError, ValueError):
+        return None
+    all_int = all(isinstance(v, int) for v in nums)
+    return max(n, 0) * _itemsize(get("dtype"), torch.int64 if all_int else torch.get_default_dtype())
+
+
+def _steps(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    n = _numel(get("steps"))
+    return None if n is None else n * _itemsize(get("dtype"), torch.get_default_dtype())
+
+
+def _randperm(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    n = _numel(get("n"))
+    return None if n is None else n * _itemsize(get("dtype"), torch.int64)
+
+
+def _eye(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    n, k = _numel(get("n")), _numel(get("m") if get("m") is not None else get("n"))
+    return None if n is None or k is None else n * k * _itemsize(get("dtype"), torch.get_default_dtype())
+
+
+def _like(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    t = get("self")
+    if not isinstance(t, torch.Tensor):
+        return None
+    return t.numel() * _itemsize(get("dtype"), t.dtype)
+
+
+def _repeat(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    t, reps = get("self"), get("repeats")
+    if not isinstance(t, torch.Tensor) or _numel(reps) is None:
+        return None
+    return t.numel() * _numel(reps) * t.element_size()  # type: ignore[operator]
+
+
+def _resize(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    t = get("self")
+    n = _numel(get("size"))
+    if not isinstance(t, torch.Tensor) or n is None:
+        return None
+    new = (t.storage_offset() + n) * t.element_size()
+    return max(0, new - t.untyped_storage().nbytes())
+
+
+def _cat(ex: Executor, get: Callable[[str], Any]) -> int | None:
+    ts = get("tensors")
+    if not isinstance(ts, list) or not all(isinstance(t, torch.Tensor) for t in ts):
+        return None
+    return sum(t.numel() for t in ts) * max((t.element_size() for t in ts), default=0)
+
+
+_ESTIMATORS: dict[str, Estimator] = {
+    **{
+        n: _by_size()
+        for n in ("empty", "zeros", "ones", "rand", "randn", "empty_permuted", "normal")
+    },
+    "full": _by_size(_full_dtype),
+    "randint": _by_size(lambda get: torch.int64),
+    **{n: _by_size(_self_dtype) for n in ("new_empty", "new_zeros", "new_ones", "new_full")},
+    "empty_strided": _strided,
+    "new_empty_strided": _strided,
+    "arange": _arange,
+    "range": lambda ex, get: _arange(ex, get, inclusive=True),
+    "linspace": _steps,
+    "logspace": _steps,
+    "randperm": _randperm,
+    "eye": _eye,
+    **{
+        n: _like
+        for n in (
+            "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+            "randint_like", "clone", "_to_copy",
+        )
+    },
+    "repeat": _repeat,
+    "resize_": _resize,
+    "cat": _cat,
+    "stack": _cat,
+}
+
+
+def _in_bounds(t: torch.Tensor) -> bool:
+    """Whether every element of `t` lies inside its storage (false for a forged view)."""
+    if t.layout != torch.strided or t.numel() == 0:
+        return True
+    last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return t.storage_offset() >= 0 and min(t.stride(), default=0) >= 0 and (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+#: Host tensors a GPU session's op may return: some kernels return small CPU tensors by design
+#: (e.g. the philox seed and offset of memory-efficient attention).
+SMALL_HOST_BYTES = 64 * 1024
+
+
+def _tolerated_elsewhere(t: torch.Tensor) -> bool:
+    """A result off the session's device that holds no memory worth counting."""
+    if t.device.type == "meta":
+        return True
+    return t.device.type == "cpu" and t.untyped_storage().nbytes() <= SMALL_HOST_BYTES
+
+
+_ALLOC_BYTES = re.compile(r"allocate (\d+) bytes")
 
 
 class Executor:
@@ -65,7 +300,7 @@ class Executor:
         self.error: m.ErrorInfo | None = None
         self.ledger = StorageLedger()
         self.is_cuda = device.type == "cuda"
-        self._ops: dict[str, torch._ops.OpOverload] = {}
+        self._ops: dict[str, OpSpec] = {}
         self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
         self.encoder = m.make_encoder(enc_hook=self._enc_hook)
 
@@ -79,6 +314,8 @@ class Executor:
         if code == m.ExtCode.DTYPE:
             return _ext_payload_name(data, DTYPES, "dtype")
         if code == m.ExtCode.DEVICE:
+            if len(data):
+                raise msgspec.ValidationError("bad device")
             return self.device
         if code == m.ExtCode.MEMORY_FORMAT:
             return _ext_payload_name(data, MEMORY_FORMATS, "memory format")
@@ -87,19 +324,28 @@ class Executor:
         if code == m.ExtCode.COMPLEX:
             if len(data) != m.COMPLEX.size:
                 raise msgspec.ValidationError("bad complex")
-            re, im = m.COMPLEX.unpack(data)
-            return complex(re, im)
+            re_, im = m.COMPLEX.unpack(data)
+            return complex(re_, im)
         if code == m.ExtCode.CPU_TENSOR:
             return self._decode_cpu_tensor(data)
         raise msgspec.ValidationError(f"unknown extension type {code}")
 
     @staticmethod
     def _decode_cpu_tensor(data: memoryview) -> torch.Tensor:
+        try:
+            return Executor._cpu_tensor(data)
+        except msgspec.ValidationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure here is a malformed message
+            raise msgspec.ValidationError(f"bad inline tensor: {e}") from None
+
+    @staticmethod
+    def _cpu_tensor(data: memoryview) -> torch.Tensor:
         if len(data) > m.MAX_EXT_BYTES:
             raise msgspec.ValidationError("inline tensor too large")
         dtype_name, shape, raw = msgspec.msgpack.decode(data, type=tuple[str, list[int], bytes])
         dtype = DTYPES.get(dtype_name)
-        if dtype is None or any(s < 0 for s in shape):
+        if dtype is None or any(s < 0 for s in shape) or len(shape) > 64:
             raise msgspec.ValidationError("bad inline tensor")
         numel = 1
         for s in shape:
@@ -127,17 +373,15 @@ class Executor:
             raise OpFailed("handle", f"tensor handle {handle} does not exist (freed, or produced by a failed op)") from None
 
     def _store(self, handle: int, t: torch.Tensor) -> None:
-        old = self.table.get(handle)
-        if old is not None:
-            self.ledger.remove(old)
+        if handle in self.table and not self.is_cuda:
+            self.ledger.remove(handle)
         self.table[handle] = t
         if not self.is_cuda:
-            self.ledger.add(t)
+            self.ledger.add(handle, t)
 
     def _free(self, handle: int) -> None:
-        t = self.table.pop(handle, None)
-        if t is not None and not self.is_cuda:
-            self.ledger.remove(t)
+        if self.table.pop(handle, None) is not None and not self.is_cuda:
+            self.ledger.remove(handle)
 
     def memory_used(self) -> int:
         if self.is_cuda:
@@ -151,12 +395,12 @@ class Executor:
 
     def _oom(self, needed: int | None = None) -> OpFailed:
         used = self.memory_used()
-        extra = f"; it needed {needed} more bytes" if needed else ""
+        extra = f", and this needs {format_bytes(needed)} more" if needed else ""
         return OpFailed(
             "oom",
-            f"out of memory: this session's share is {_fmt(self.memory_limit)} and "
-            f"{_fmt(used)} of it is in use{extra}. Free tensors, use smaller batches, or ask "
-            "for a bigger share",
+            f"out of memory: this session's share is {format_bytes(self.memory_limit)} "
+            f"({self.memory_limit} bytes), {format_bytes(used)} of it in use{extra}. Free tensors, "
+            "use smaller batches, or ask for a bigger share",
         )
 
     def _resolve(self, x: Any) -> Any:
@@ -172,21 +416,23 @@ class Executor:
     def _record(self, seq: int, op: str, exc: BaseException) -> None:
         if self.error is not None:
             return
+        text = str(exc)
         if isinstance(exc, OpFailed):
-            kind, msg = exc.kind, str(exc)
-        elif isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
-            kind, msg = "oom", str(self._oom())
+            kind, msg = exc.kind, text
+        elif isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text:
+            found = _ALLOC_BYTES.search(text)
+            kind, msg = "oom", str(self._oom(int(found.group(1)) if found else None))
         else:
-            kind, msg = "op", f"{type(exc).__name__}: {exc}"
+            kind, msg = "op", f"{type(exc).__name__}: {text}"
         self.error = m.ErrorInfo(seq=seq, op=op, kind=kind, message=msg[:4000])
 
     def _take_error(self) -> m.ErrorInfo | None:
         e, self.error = self.error, None
         return e
 
-    def _lookup_op(self, name: str) -> torch._ops.OpOverload:
-        fn = self._ops.get(name)
-        if fn is None:
+    def _lookup_op(self, name: str) -> OpSpec:
+        spec = self._ops.get(name)
+        if spec is None:
             reason = check_op_name(name)
             if reason is not None:
                 raise OpFailed("denied", reason)
@@ -194,21 +440,55 @@ class Executor:
                 fn = resolve_op(name)
             except LookupError as e:
                 raise OpFailed("unknown_op", f"{e}: the server's torch {torch.__version__} has no such op") from None
-            self._ops[name] = fn
-        return fn
+            spec = self._ops[name] = _spec(name, fn)
+        return spec
+
+    def _check_typed(self, spec: OpSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
+        for i, name, kind in spec.typed:
+            v = args[i] if i < len(args) else kwargs.get(name)
+            if v is None:
+                continue
+            if type(v) is not _KIND_TYPES[kind]:
+                raise OpFailed("op", f"argument {name!r} of {spec.fn._schema.name} must be a {kind}, got {type(v).__name__}")
+            if kind == "device" and v != self.device:
+                raise OpFailed("denied", f"a session may only use its own device, not {v}")
 
     def run_op(self, cmd: m.Op) -> tuple[list[torch.Tensor], list[Any]]:
-        fn = self._lookup_op(cmd.op)
+        spec = self._lookup_op(cmd.op)
+        if cmd.kwargs.get("generator") is not None:
+            raise OpFailed("op", "explicit generators are not supported; use torch.manual_seed")
         args = self._resolve(cmd.args)
         kwargs = {k: self._resolve(v) for k, v in cmd.kwargs.items()}
-        if kwargs.get("generator") is not None:
-            raise OpFailed("op", "explicit generators are not supported; use torch.manual_seed")
-        result = fn(*args, **kwargs)
+        if spec.typed:
+            self._check_typed(spec, args, kwargs)
+        if spec.estimate is not None:
+
+            def get(name: str) -> Any:
+                try:
+                    i = spec.names.index(name)
+                except ValueError:
+                    return None
+                return args[i] if i < len(args) else kwargs.get(name)
+
+            need = spec.estimate(self, get)
+            if need is not None and self.memory_used() + need > self.memory_limit:
+                raise self._oom(need)
+        written = self._written(spec, cmd, args) if spec.writes else ()
+        try:
+            result = spec.fn(*args, **kwargs)
+        finally:
+            if written:
+                self._refresh(written)
         tensors: list[torch.Tensor] = []
         values: list[Any] = []
         _flatten(result, tensors, values)
         if len(tensors) != len(cmd.outs) and not (cmd.reply and len(tensors) <= len(cmd.outs)):
             raise OpFailed("op", f"{cmd.op} returned {len(tensors)} tensors, the client expected {len(cmd.outs)}")
+        for t in tensors:
+            if t.device != self.device and not _tolerated_elsewhere(t):
+                raise OpFailed("denied", f"{cmd.op} made a tensor on {t.device}, not on the session's device")
+            if spec.views and not _in_bounds(t):
+                raise OpFailed("denied", f"{cmd.op} made a view outside its tensor's storage")
         stored = []
         for h, t in zip(cmd.outs, tensors):
             if h >= 0:
@@ -220,10 +500,32 @@ class Executor:
             raise self._oom()
         return tensors, values
 
+    def _written(self, spec: OpSpec, cmd: m.Op, args: list[Any]) -> list[tuple[int, torch.Tensor]]:
+        """The handles (with their tensors) of the arguments `spec`'s op writes to."""
+        out: list[tuple[int, torch.Tensor]] = []
+        for i, name in spec.writes:
+            raw = cmd.args[i] if i < len(cmd.args) else cmd.kwargs.get(name)
+            for r in raw if isinstance(raw, list) else [raw]:
+                if type(r) is Ref:
+                    out.append((r.handle, self.table[r.handle]))
+        return out
+
+    def _refresh(self, written: list[tuple[int, torch.Tensor]]) -> None:
+        """Re-measure tensors an op wrote to; one resized out of bounds is dropped."""
+        for h, t in written:
+            if not _in_bounds(t):
+                self._free(h)
+                raise OpFailed("denied", f"tensor handle {h} was changed to reach outside its storage")
+            if not self.is_cuda and h in self.table:
+                self.ledger.refresh(h, t)
+
     def upload(self, cmd: m.Upload, reader: FrameReader) -> None:
         """Receive the next buffer; always consumes it, even when the command fails."""
         if not reader.pending_buffers or reader.pending_buffers[0] != cmd.nbytes:
-            raise ProtocolError("upload command without its buffer")
+            raise ProtocolError(
+                f"upload of {cmd.nbytes} bytes without its buffer (the frame has "
+                f"{reader.pending_buffers[:1] or 'no'} buffer bytes left)"
+            )
         before = len(reader.pending_buffers)
         try:
             self._upload(cmd, reader)
@@ -235,7 +537,7 @@ class Executor:
     def _upload(self, cmd: m.Upload, reader: FrameReader) -> None:
         dtype = DTYPES.get(cmd.dtype)
         if dtype is None:
-            raise OpFailed("protocol", f"unknown dtype {cmd.dtype!r}")
+            raise OpFailed("protocol", f"unknown dtype {cmd.dtype[:40]!r}")
         if cmd.into:
             dst = self._get(cmd.handle)
             if dst.dtype != dtype or not dst.is_contiguous() or dst.nbytes != cmd.nbytes:
@@ -247,7 +549,13 @@ class Executor:
             reader.read_buffer_into(host_bytes(staging))
             dst.view(-1).view(torch.uint8).copy_(staging, non_blocking=True)
             return
-        if len(cmd.shape) != len(cmd.stride) or any(s < 0 for s in cmd.shape) or cmd.offset < 0:
+        if (
+            len(cmd.shape) != len(cmd.stride)
+            or len(cmd.shape) > 64
+            or any(s < 0 for s in cmd.shape)
+            or any(st < 0 for st in cmd.stride)
+            or cmd.offset < 0
+        ):
             raise OpFailed("protocol", "bad upload layout")
         if cmd.nbytes % dtype.itemsize:
             raise OpFailed("protocol", "upload size is not a whole number of elements")
@@ -256,7 +564,7 @@ class Executor:
         numel = cmd.nbytes // dtype.itemsize
         if all(cmd.shape):
             need = cmd.offset + 1 + sum((s - 1) * st for s, st in zip(cmd.shape, cmd.stride))
-            if need > numel or any(st < 0 for st in cmd.stride):
+            if need > numel:
                 raise OpFailed("protocol", "upload layout reaches past its data")
         host = torch.empty(cmd.nbytes, dtype=torch.uint8)
         reader.read_buffer_into(host_bytes(host))
@@ -265,17 +573,18 @@ class Executor:
             flat = flat.to(self.device)
         self._store(cmd.handle, flat.as_strided(cmd.shape, cmd.stride, cmd.offset))
 
-    def fetch(self, handle: int) -> tuple[m.Data, memoryview | None]:
+    def fetch(self, handle: int) -> tuple[m.Data, memoryview | Iterator[memoryview] | None]:
+        """The tensor's elements in C order: a contiguous CPU tensor's own memory, else slices
+        of at most `FETCH_CHUNK` bytes gathered one at a time (never a full copy)."""
         err = self._take_error()
         if err is not None:
             return m.Data(error=err), None
         try:
-            t = self._get(handle)
-            c = t.detach().contiguous()
-            if c.device.type != "cpu":
-                c = c.cpu()
-            buf = host_bytes(c)
-            return m.Data(nbytes=buf.nbytes), buf
+            t = self._get(handle).detach()
+            nbytes = t.numel() * t.element_size()
+            if t.device.type == "cpu" and t.is_contiguous():
+                return m.Data(nbytes=nbytes), host_bytes(t)
+            return m.Data(nbytes=nbytes), (host_bytes(c.cpu()) for c in _c_order_chunks(t, FETCH_CHUNK))
         except Exception as e:  # noqa: BLE001 - reported to the client
             self._record(-1, "fetch", e)
             return m.Data(error=self._take_error()), None
@@ -304,16 +613,18 @@ class Executor:
     # ---- the loop ---------------------------------------------------------------------------
 
     def serve(self, reader: FrameReader, writer: FrameWriter) -> None:
-        """Run commands until the client says goodbye or goes away."""
+        """Run commands until the client says goodbye or goes away.
+
+        Raises `ProtocolError` for a stream that is not valid gpupool protocol; the caller ends
+        the session with a `Refused` reply.
+        """
         while True:
             try:
                 raw, _ = reader.read_message()
             except ServerLost:
                 return  # client went away: the worker exits and the OS frees everything
-            try:
-                batch = self.decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                raise ProtocolError(f"malformed command batch: {e}") from e
+            batch = m.decode(self.decoder, raw, "command batch")
+            del raw
             for cmd in batch.cmds:
                 if self.handle(cmd, reader, writer):
                     return
@@ -335,7 +646,13 @@ class Executor:
             if cmd.reply:
                 err = self._take_error()
                 metas = [_meta(x) for x in tensors]
-                writer.send(self.encoder.encode(m.OpResult(error=err, metas=metas, values=values)))
+                try:
+                    encoded = self.encoder.encode(m.OpResult(error=err, metas=metas, values=values))
+                except TypeError as e:
+                    encoded = self.encoder.encode(
+                        m.OpResult(error=err or m.ErrorInfo(cmd.seq, cmd.op, "op", f"cannot send the result: {e}"))
+                    )
+                writer.send(encoded)
         elif t is m.Free:
             assert isinstance(cmd, m.Free)
             for h in cmd.handles:
@@ -344,12 +661,27 @@ class Executor:
             assert isinstance(cmd, m.Upload)
             try:
                 self.upload(cmd, reader)
-            except (OpFailed, torch.OutOfMemoryError, RuntimeError) as e:
+            except (ProtocolError, ServerLost):
+                raise
+            except Exception as e:  # noqa: BLE001 - deferred to the next sync
                 self._record(cmd.seq, "upload", e)
         elif t is m.Fetch:
             assert isinstance(cmd, m.Fetch)
-            reply, buf = self.fetch(cmd.handle)
-            writer.send(self.encoder.encode(reply), [buf] if buf is not None else [])
+            reply, payload = self.fetch(cmd.handle)
+            if payload is None:
+                writer.send(self.encoder.encode(reply))
+            elif isinstance(payload, memoryview):
+                writer.send(self.encoder.encode(reply), [payload])
+            else:
+                # Note: past the header there is no way to report an error in-band; a failure
+                # while gathering ends the session, without another frame after the broken one.
+                try:
+                    writer.send_stream(self.encoder.encode(reply), reply.nbytes, payload)
+                except ServerLost:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    log.warning("fetch of handle %d failed mid-stream: %s", cmd.handle, e)
+                    raise ServerLost(f"fetch failed mid-stream: {e}") from e
         elif t is m.Item:
             assert isinstance(cmd, m.Item)
             writer.send(self.encoder.encode(self.item(cmd.handle)))
@@ -359,11 +691,36 @@ class Executor:
             assert isinstance(cmd, m.Seed)
             try:
                 torch.manual_seed(cmd.seed)
-            except RuntimeError as e:
+            except (RuntimeError, ValueError, OverflowError) as e:
                 self._record(-1, "manual_seed", e)
         elif t is m.Bye:
             return True
         return False
+
+
+#: Largest slice a strided or device tensor is gathered into on its way to the client.
+FETCH_CHUNK = 4 * 1024 * 1024
+
+
+def _c_order_chunks(t: torch.Tensor, limit: int) -> Iterator[torch.Tensor]:
+    """Contiguous pieces of `t` that, concatenated, are `t`'s elements in C order."""
+    if t.is_contiguous():
+        flat = t.reshape(-1)  # a view
+        step = max(1, limit // max(1, t.element_size()))
+        for i in range(0, flat.numel(), step):
+            yield flat[i : i + step]
+        return
+    if t.dim() == 0:
+        yield t.contiguous()
+        return
+    row = (t[0].numel() if t.shape[0] else 0) * t.element_size()
+    if row > limit:
+        for i in range(t.shape[0]):
+            yield from _c_order_chunks(t[i], limit)
+        return
+    step = max(1, limit // max(1, row))
+    for i in range(0, t.shape[0], step):
+        yield t[i : i + step].contiguous()
 
 
 def _flatten(result: Any, tensors: list[torch.Tensor], values: list[Any]) -> None:
@@ -384,12 +741,3 @@ def _meta(t: torch.Tensor) -> m.TensorMeta:
         dtype=DTYPE_TO_NAME[t.dtype],
         storage_bytes=t.untyped_storage().nbytes(),
     )
-
-
-def _fmt(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
-

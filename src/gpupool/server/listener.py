@@ -1,7 +1,15 @@
-"""The server's front door: accepts connections, checks the token, hands sessions to workers."""
+"""The server's front door: accepts connections, checks the token, hands sessions to workers.
+
+Note [What the listener trusts]: nothing a client sends. A connection gets one `Hello` frame of
+at most 64 KiB within `handshake_timeout` seconds in total (however slowly its bytes arrive), at
+most `max_handshakes` connections are in their handshake at once, and everything after the
+handshake happens in the session's own worker process, so no session can block the accept loop,
+another handshake, or another session.
+"""
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
@@ -10,12 +18,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-import msgspec
-
-from gpupool.errors import GpupoolError
+from gpupool.errors import GpupoolError, ProtocolError
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter, Limits
 from gpupool.protocol.version import PROTOCOL_VERSION
@@ -23,7 +31,16 @@ from gpupool.server.device import DeviceInfo
 
 log = logging.getLogger("gpupool.server")
 
-HANDSHAKE_TIMEOUT = 10.0
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+#: Environment a worker must not inherit: a session's process holds nothing it does not need.
+SECRET_ENV = ("GPUPOOL_TOKEN",)
 
 
 @dataclass
@@ -34,6 +51,10 @@ class ServerConfig:
     devices: list[DeviceInfo]
     memory_limit: int | None = None  # per session; default: the device's memory
     max_sessions: int = 32
+    #: Seconds a connection has, in total, to deliver its `Hello`.
+    handshake_timeout: float = field(default_factory=lambda: _env_float("GPUPOOL_HANDSHAKE_TIMEOUT", 10.0))
+    #: Connections in their handshake at once; more are refused at once.
+    max_handshakes: int = 128
 
 
 class _Spare:
@@ -41,16 +62,23 @@ class _Spare:
 
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gpupool.server.worker", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
         self.ctl = parent
-        env = dict(os.environ)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.server.worker", str(child.fileno())],
-            pass_fds=[child.fileno()],
-            env=env,
-        )
-        child.close()
 
-    def hand_off(self, conn: socket.socket, info: dict) -> bool:
+    def hand_off(self, conn: socket.socket, info: dict[str, Any]) -> bool:
+        """Give `conn` to the worker; False if it is gone (the caller then discards it)."""
         if self.proc.poll() is not None:
             return False
         try:
@@ -62,42 +90,64 @@ class _Spare:
         return True
 
     def discard(self) -> None:
+        """End a worker that never got a session, and reap it."""
         self.ctl.close()
+        self.proc.terminate()
         try:
-            self.proc.terminate()
             self.proc.wait(5)
-        except (OSError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._sock = socket.create_server((config.host, config.port), backlog=128)
-        self.address = self._sock.getsockname()[:2]
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._lock = threading.Lock()
         self._spare: _Spare | None = None
-        self._sessions: dict[str, tuple[subprocess.Popen, DeviceInfo]] = {}
+        self._refilling = False
+        self._sessions: dict[str, tuple[subprocess.Popen[bytes], DeviceInfo]] = {}
+        self._reserved = 0  # sessions admitted whose worker is being handed the connection
+        self._handshakes = threading.BoundedSemaphore(config.max_handshakes)
         self._stopping = threading.Event()
         self._next_device = 0
 
     # ---- workers ----------------------------------------------------------------------------
 
     def _take_spare(self) -> _Spare:
+        """The warm spare if there is one, else a new worker (slower: it imports torch)."""
         with self._lock:
             spare, self._spare = self._spare, None
-        if spare is None or spare.proc.poll() is not None:
+        if spare is not None and spare.proc.poll() is not None:
+            spare.discard()
+            spare = None
+        if spare is None:
             spare = _Spare()
-        threading.Thread(target=self._refill, daemon=True).start()
+        self._start_refill()
         return spare
 
-    def _refill(self) -> None:
-        if self._stopping.is_set():
-            return
-        fresh = _Spare()
+    def _start_refill(self) -> None:
+        # Note: at most one refill runs at a time, so a burst of connections starts one spare,
+        # not one per connection (each burst connection without a spare starts its own worker).
         with self._lock:
-            if self._spare is None and not self._stopping.is_set():
-                self._spare, fresh = fresh, None  # type: ignore[assignment]
+            if self._refilling or self._spare is not None or self._stopping.is_set():
+                return
+            self._refilling = True
+        threading.Thread(target=self._refill, name="gpupool-refill", daemon=True).start()
+
+    def _refill(self) -> None:
+        fresh: _Spare | None = None
+        try:
+            fresh = _Spare()
+        except OSError as e:
+            log.error("cannot start a spare worker: %s", e)
+        finally:
+            with self._lock:
+                self._refilling = False
+                if fresh is not None and self._spare is None and not self._stopping.is_set():
+                    self._spare, fresh = fresh, None
         if fresh is not None:
             fresh.discard()
 
@@ -105,86 +155,151 @@ class Server:
         with self._lock:
             for sid, (proc, _) in list(self._sessions.items()):
                 if proc.poll() is not None:
-                    log.info("session %s ended (worker exit %s)", sid, proc.returncode)
+                    log.info("session %s ended (worker %d exit %s)", sid, proc.pid, proc.returncode)
                     del self._sessions[sid]
 
     def session_count(self) -> int:
+        """Sessions whose worker is still running."""
         self._reap()
         with self._lock:
             return len(self._sessions)
 
+    def session_pids(self) -> dict[str, int]:
+        """Worker process id of each running session, by session id."""
+        self._reap()
+        with self._lock:
+            return {sid: proc.pid for sid, (proc, _) in self._sessions.items()}
+
     # ---- connections ------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        threading.Thread(target=self._refill, daemon=True).start()
+        self._start_refill()
         while not self._stopping.is_set():
             try:
                 conn, peer = self._sock.accept()
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     return
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: keep serving the sessions we have and
+                    # try again shortly, rather than end the server.
+                    log.error("accept failed: %s; retrying", e)
+                    time.sleep(0.1)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
                 raise
-            threading.Thread(target=self._handshake, args=(conn, peer), daemon=True).start()
+            if not self._handshakes.acquire(blocking=False):
+                log.warning("refused %s: %d handshakes already in progress", peer, self.config.max_handshakes)
+                self._refuse_now(conn, "busy", "too many connections are opening sessions; try again")
+                continue
+            try:
+                threading.Thread(target=self._handshake, args=(conn, peer), name="gpupool-handshake", daemon=True).start()
+            except RuntimeError as e:  # cannot start a thread
+                self._handshakes.release()
+                log.error("cannot start a handshake thread: %s", e)
+                self._refuse_now(conn, "busy", "server overloaded; try again")
 
-    def _refuse(self, writer: FrameWriter, code: str, message: str) -> None:
+    def _refuse_now(self, conn: socket.socket, code: str, message: str) -> None:
+        """Refuse from the accept loop: never waits on the peer."""
         try:
-            writer.send(m.plain_encoder.encode(m.Refused(code=code, message=message)))
+            conn.setblocking(False)
+            FrameWriter(conn).send(m.plain_encoder.encode(m.Refused(code=code, message=message)))
         except GpupoolError:
             pass
-
-    def _handshake(self, conn: socket.socket, peer: tuple) -> None:
-        try:
-            conn.settimeout(HANDSHAKE_TIMEOUT)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reader = FrameReader(conn, Limits(max_message=64 * 1024, max_buffers=0, max_buffer_bytes=0))
-            writer = FrameWriter(conn)
-            try:
-                raw, _ = reader.read_message()
-                hello = m.hello_decoder.decode(raw)
-            except (GpupoolError, msgspec.DecodeError, msgspec.ValidationError, OSError) as e:
-                log.info("handshake from %s failed: %s", peer, e)
-                self._refuse(writer, "protocol", f"bad handshake: {e}")
-                return
-            if hello.protocol != PROTOCOL_VERSION:
-                self._refuse(
-                    writer,
-                    "version",
-                    f"client speaks protocol {hello.protocol}, this server {PROTOCOL_VERSION}: "
-                    "install the same gpupool version on both",
-                )
-                return
-            if not hmac.compare_digest(hello.token.encode(), self.config.token.encode()):
-                log.warning("refused %s: wrong token", peer)
-                self._refuse(writer, "auth", "invalid token: check --token or GPUPOOL_TOKEN")
-                return
-            if self.session_count() >= self.config.max_sessions:
-                self._refuse(writer, "busy", f"server at its limit of {self.config.max_sessions} sessions")
-                return
-            dev = self._pick_device()
-            sid = uuid.uuid4().hex[:12]
-            limit = min(self.config.memory_limit or dev.memory_total, dev.memory_total)
-            info = {
-                "session": sid,
-                "kind": dev.kind,
-                "index": dev.index,
-                "name": dev.name,
-                "memory_total": dev.memory_total,
-                "memory_limit": limit,
-            }
-            spare = self._take_spare()
-            if not spare.hand_off(conn, info):
-                spare.discard()
-                self._refuse(writer, "busy", "could not start a session worker")
-                return
-            with self._lock:
-                self._sessions[sid] = (spare.proc, dev)
-            log.info("session %s for %s on %s:%d (limit %d bytes)", sid, peer, dev.kind, dev.index, limit)
-            threading.Thread(target=self._watch, args=(spare.proc,), daemon=True).start()
         finally:
+            conn.close()
+
+    @staticmethod
+    def _refuse(conn: socket.socket, code: str, message: str) -> None:
+        try:
+            conn.settimeout(2.0)
+            FrameWriter(conn).send(m.plain_encoder.encode(m.Refused(code=code, message=message)))
+        except (GpupoolError, OSError):
+            pass
+
+    def _handshake(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+        try:
+            self._admit(conn, peer)
+        except Exception:  # noqa: BLE001 - one bad connection must not end anything else
+            log.exception("handshake with %s failed", peer)
+        finally:
+            self._handshakes.release()
             conn.close()  # the worker holds its own copy of the descriptor
 
-    def _watch(self, proc: subprocess.Popen) -> None:
-        proc.wait()
+    def _admit(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + self.config.handshake_timeout
+        reader = FrameReader(conn, Limits(max_message=64 * 1024, max_buffers=0, max_buffer_bytes=0), deadline=deadline)
+        try:
+            raw, _ = reader.read_message()
+            hello = m.decode(m.hello_decoder, raw, "handshake")
+        except ProtocolError as e:
+            log.info("handshake from %s failed: %s", peer, e)
+            self._refuse(conn, "protocol", f"bad handshake: {e}")
+            return
+        except GpupoolError as e:  # ServerLost: closed, reset or too slow
+            log.info("handshake from %s failed: %s", peer, e)
+            self._refuse(conn, "protocol", f"no valid handshake within {self.config.handshake_timeout:g} s: {e}")
+            return
+        if hello.protocol != PROTOCOL_VERSION:
+            self._refuse(
+                conn,
+                "version",
+                f"client speaks protocol {hello.protocol}, this server {PROTOCOL_VERSION}: "
+                "install the same gpupool version on both",
+            )
+            return
+        if not hmac.compare_digest(hello.token.encode(), self.config.token.encode()):
+            log.warning("refused %s: wrong token", peer)
+            self._refuse(conn, "auth", "invalid token: check --token or GPUPOOL_TOKEN")
+            return
+        self._reap()
+        with self._lock:
+            admitted = len(self._sessions) + self._reserved < self.config.max_sessions
+            if admitted:
+                self._reserved += 1
+        if not admitted:
+            self._refuse(conn, "busy", f"server at its limit of {self.config.max_sessions} sessions")
+            return
+        try:
+            self._start_session(conn, peer)
+        finally:
+            with self._lock:
+                self._reserved -= 1
+
+    def _start_session(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+        dev = self._pick_device()
+        sid = uuid.uuid4().hex[:12]
+        limit = min(self.config.memory_limit or dev.memory_total, dev.memory_total)
+        info = {
+            "session": sid,
+            "kind": dev.kind,
+            "index": dev.index,
+            "name": dev.name,
+            "memory_total": dev.memory_total,
+            "memory_limit": limit,
+        }
+        try:
+            spare = self._take_spare()
+        except OSError as e:
+            log.error("cannot start a session worker: %s", e)
+            self._refuse(conn, "busy", "could not start a session worker")
+            return
+        if not spare.hand_off(conn, info):
+            spare.discard()
+            self._refuse(conn, "busy", "could not start a session worker")
+            return
+        with self._lock:
+            self._sessions[sid] = (spare.proc, dev)
+        log.info(
+            "session %s for %s on %s:%d (limit %d bytes, worker pid %d)",
+            sid, peer, dev.kind, dev.index, limit, spare.proc.pid,
+        )
+        threading.Thread(target=self._watch, args=(spare.proc,), name="gpupool-watch", daemon=True).start()
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()  # Note: reaps the worker at once, so no session leaves a zombie behind
         self._reap()
 
     def _pick_device(self) -> DeviceInfo:
@@ -195,6 +310,10 @@ class Server:
 
     def shutdown(self) -> None:
         self._stopping.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:
@@ -211,3 +330,4 @@ class Server:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()

@@ -1,66 +1,123 @@
-"""Per-session memory accounting on a CPU-backed device.
+"""Per-session memory accounting on a CPU-backed device, and the worker's hard backstop.
 
 Note: a CUDA session relies on the caching allocator's own counters and its per-process memory
 fraction; on the CPU nothing counts for us, so the executor tracks the bytes of every distinct
-storage its handle table keeps alive. Storages are keyed by data pointer; a view and its base
-count once.
+storage its handle table keeps alive.
+
+Note [Storage keys]: storages are keyed by the address of their `StorageImpl`
+(`UntypedStorage._cdata`), not by their data pointer: an in-place resize (`resize_`, an `out=`
+op growing its output) moves the data but keeps the `StorageImpl`, and empty storages all share
+data pointer 0. A key is unique among live storages, and every counted storage is alive because
+a handle in the table holds a tensor on it.
 """
 
 from __future__ import annotations
 
+import logging
 import resource
 
 import torch
 
+log = logging.getLogger("gpupool.worker")
+
 
 class StorageLedger:
+    """Bytes held by the handle table, counting each storage once however many handles view it."""
+
     def __init__(self) -> None:
-        self._refs: dict[int, list[int]] = {}  # data_ptr -> [handle count, nbytes]
+        self._storages: dict[int, list[int]] = {}  # key -> [handle count, nbytes]
+        self._handle_key: dict[int, int] = {}
         self.used = 0
         self.peak = 0
 
-    def add(self, t: torch.Tensor) -> int:
-        """Count `t`'s storage; returns the bytes newly accounted."""
+    def __len__(self) -> int:
+        return len(self._storages)
+
+    def add(self, handle: int, t: torch.Tensor) -> None:
+        """Count handle `handle`, which must not be counted yet, holding tensor `t`."""
         s = t.untyped_storage()
-        key = s.data_ptr()
+        key = s._cdata
         n = s.nbytes()
-        entry = self._refs.get(key)
+        self._handle_key[handle] = key
+        entry = self._storages.get(key)
         if entry is None:
-            self._refs[key] = [1, n]
+            self._storages[key] = [1, n]
             self.used += n
-            self.peak = max(self.peak, self.used)
-            return n
-        entry[0] += 1
-        if n != entry[1]:  # resized in place
+        else:
+            entry[0] += 1
             self.used += n - entry[1]
             entry[1] = n
-            self.peak = max(self.peak, self.used)
-        return 0
+        if self.used > self.peak:
+            self.peak = self.used
 
-    def remove(self, t: torch.Tensor) -> None:
-        key = t.untyped_storage().data_ptr()
-        entry = self._refs.get(key)
-        if entry is None:
+    def remove(self, handle: int) -> None:
+        key = self._handle_key.pop(handle, None)
+        if key is None:
             return
+        entry = self._storages[key]
         entry[0] -= 1
         if entry[0] <= 0:
             self.used -= entry[1]
-            del self._refs[key]
+            del self._storages[key]
+
+    def refresh(self, handle: int, t: torch.Tensor) -> None:
+        """Re-measure after an op that may have resized `t`'s storage or swapped it (`set_`)."""
+        s = t.untyped_storage()
+        key = s._cdata
+        if self._handle_key.get(handle) != key:
+            self.remove(handle)
+            self.add(handle, t)
+            return
+        entry = self._storages[key]
+        n = s.nbytes()
+        if n != entry[1]:
+            self.used += n - entry[1]
+            entry[1] = n
+            if self.used > self.peak:
+                self.peak = self.used
 
 
-def cap_process_data(limit_bytes: int, slack: int = 768 * 1024**2) -> None:
-    """Backstop for a CPU-backed session: cap the worker's data segment.
+#: Room above the share for what the ledger does not see: decoded messages (up to 64 MiB),
+#: temporaries inside ops, copies made to fetch non-contiguous tensors.
+BACKSTOP_SLACK = 768 * 1024**2
 
-    The ledger catches overuse after an op; this stops a single huge allocation from taking the
-    host's memory before the ledger can look (malloc then fails and the op raises).
-    """
+
+def vm_data() -> int | None:
+    """This process's data segment (VmData: what RLIMIT_DATA limits), in bytes."""
     try:
         with open("/proc/self/status") as f:
-            vmdata = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
     except (OSError, StopIteration, ValueError):
-        return
-    cap = vmdata + limit_bytes + slack
+        return None
+
+
+def warm_threads() -> None:
+    """Start torch's intra-op thread pool now.
+
+    Note: each pool thread's stack (8 MiB by default) counts towards RLIMIT_DATA. Started after
+    the cap, on a many-core host they would not fit in the slack and every parallel op would fail
+    with "can't allocate memory"; started before, they are part of the baseline the cap adds to.
+    """
+    x = torch.ones(1 << 20)
+    x.add_(1)
+    float(x.sum())
+
+
+def cap_process_data(limit_bytes: int, slack: int = BACKSTOP_SLACK) -> int | None:
+    """Backstop for a CPU-backed session: cap the worker's data segment; returns the cap.
+
+    The executor checks sizes it can compute before allocating and the ledger catches overuse
+    after each op; this stops any single allocation, whatever op makes it, from taking more than
+    the share plus `slack` of the host's memory (malloc fails and the op raises).
+    """
+    warm_threads()
+    base = vm_data()
+    if base is None:
+        log.warning("cannot read VmData: no memory backstop for this session")
+        return None
+    cap = base + limit_bytes + slack
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    return cap

@@ -1,5 +1,8 @@
 """A session's worker process: owns one device context, runs one session, then exits.
 
+$GPUPOOL_WORKER_THREADS sets the number of torch's CPU threads per session (default: one per
+core), e.g. to keep many CPU-backed sessions from oversubscribing the host.
+
 Started ahead of time by the listener (a warm spare, with torch already imported) and handed the
 client's connection over a Unix socket (`socket.send_fds`). When the session ends — cleanly, or
 because the client died or sent garbage — the process exits and the OS frees all its memory.
@@ -10,13 +13,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+from typing import Any
 
 log = logging.getLogger("gpupool.worker")
 
+#: TCP keepalive for session sockets: a client host that vanished without closing its
+#: connection is noticed after about IDLE + INTERVAL * COUNT seconds, and its memory freed.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 6
 
-def _setup_device(info: dict) -> tuple[object, int]:
+
+def set_keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+def _setup_device(info: dict[str, Any]) -> tuple[Any, int]:
     import torch
 
     limit = int(info["memory_limit"])
@@ -28,11 +51,24 @@ def _setup_device(info: dict) -> tuple[object, int]:
         return dev, limit
     from gpupool.server.memory import cap_process_data
 
-    cap_process_data(limit)
+    cap = cap_process_data(limit)
+    log.info("session %s: data segment capped at %s bytes", info.get("session"), cap)
     return torch.device("cpu"), limit
 
 
-def run_session(conn: socket.socket, info: dict) -> None:
+def _end(writer: Any, code: str, message: str) -> None:
+    """Tell the client why the session ends, if it still listens."""
+    from gpupool.errors import ServerLost
+    from gpupool.protocol import messages as m
+
+    try:
+        writer.send(m.plain_encoder.encode(m.Refused(code=code, message=message[:4000])))
+    except (ServerLost, MemoryError):
+        pass
+
+
+def run_session(conn: socket.socket, info: dict[str, Any]) -> None:
+    """Serve one session on `conn` until it ends; never raises."""
     import torch
 
     from gpupool.errors import ProtocolError, ServerLost
@@ -41,36 +77,42 @@ def run_session(conn: socket.socket, info: dict) -> None:
     from gpupool.protocol.version import PROTOCOL_VERSION
     from gpupool.server.executor import Executor
 
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn.settimeout(None)
     writer = FrameWriter(conn)
-    device, limit = _setup_device(info)
-    reader = FrameReader(conn, Limits(max_buffer_bytes=max(limit, 1) + (1 << 20)))
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    ex = Executor(device, limit)  # type: ignore[arg-type]
-    writer.send(
-        m.plain_encoder.encode(
-            m.Welcome(
-                protocol=PROTOCOL_VERSION,
-                session=info["session"],
-                device_kind=info["kind"],
-                device_name=info["name"],
-                memory_limit=limit,
-                memory_total=int(info["memory_total"]),
-                torch_version=str(torch.__version__),
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_keepalive(conn)
+        conn.settimeout(None)
+        device, limit = _setup_device(info)
+        # Note: one frame's buffers may hold at most the whole share (plus slack for the
+        # frame's other small uploads): a bigger upload could never be stored anyway.
+        reader = FrameReader(conn, Limits(max_buffer_bytes=max(limit, 1) + (1 << 20)))
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        ex = Executor(device, limit)
+        writer.send(
+            m.plain_encoder.encode(
+                m.Welcome(
+                    protocol=PROTOCOL_VERSION,
+                    session=info["session"],
+                    device_kind=info["kind"],
+                    device_name=info["name"],
+                    memory_limit=limit,
+                    memory_total=int(info["memory_total"]),
+                    torch_version=str(torch.__version__),
+                )
             )
         )
-    )
-    try:
         ex.serve(reader, writer)
     except ProtocolError as e:
         log.warning("session %s: protocol error: %s", info["session"], e)
-        try:
-            writer.send(m.plain_encoder.encode(m.Refused(code="protocol", message=str(e))))
-        except ServerLost:
-            pass
+        _end(writer, "protocol", str(e))
     except ServerLost:
         pass
+    except MemoryError:
+        log.warning("session %s: out of host memory", info["session"])
+        _end(writer, "oom", "the session's worker ran out of host memory and ended the session")
+    except Exception as e:  # noqa: BLE001 - a bug; the session ends, the server carries on
+        log.exception("session %s: internal error", info["session"])
+        _end(writer, "internal", f"internal server error, session ended: {type(e).__name__}: {e}")
     finally:
         try:
             conn.close()
@@ -80,19 +122,35 @@ def run_session(conn: socket.socket, info: dict) -> None:
 
 def main() -> None:
     logging.basicConfig(level=os.environ.get("GPUPOOL_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    # Note: Ctrl-C on `gpupool server` reaches the whole process group; the listener ends its
+    # workers itself (terminate), so a worker must not die half-way on SIGINT first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctl = socket.socket(fileno=int(sys.argv[1]))
-    import torch  # noqa: F401 - warm the import before a session arrives
+    import torch  # warm the import before a session arrives
 
+    from gpupool.server.memory import warm_threads
+
+    threads = os.environ.get("GPUPOOL_WORKER_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+    elif threads:
+        log.warning("ignoring GPUPOOL_WORKER_THREADS=%r: not a positive number", threads)
+    warm_threads()
     try:
         msg, fds, _, _ = socket.recv_fds(ctl, 65536, 1)
     except OSError:
-        return
-    if not fds:
-        return  # the listener shut down before handing us a session
-    info = json.loads(msg)
+        os._exit(0)
     ctl.close()
+    if not fds:
+        os._exit(0)  # the listener shut down or discarded this spare
     conn = socket.socket(fileno=fds[0])
+    try:
+        info = json.loads(msg)
+    except ValueError:
+        os._exit(1)
     run_session(conn, info)
+    # Note: os._exit skips interpreter teardown (slow with torch loaded, and pointless: the OS
+    # frees the process's memory and descriptors at once).
     os._exit(0)
 
 
