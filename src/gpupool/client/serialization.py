@@ -51,7 +51,7 @@ def reduce_remote(t: torch.Tensor, proto: Any) -> Any:
     host = download(t.detach())  # type: ignore[arg-type]
     ptr = host.untyped_storage().data_ptr()
     if getattr(t, "_is_param", False) or isinstance(t, torch.nn.Parameter):
-        rv = (torch._utils._rebuild_parameter, (host, t.requires_grad, OrderedDict()))
+        rv: Any = (torch._utils._rebuild_parameter, (host, t.requires_grad, OrderedDict()))
         anchor: Any = host  # pickled inside rv's arguments, which the pickler's memo keeps
     else:
         if t.requires_grad:
