@@ -127,13 +127,13 @@ def _behave_like_cuda() -> None:
     from gpupool.client.tensor import RemoteTensor
 
     torch.__future__.set_swap_module_params_on_conversion(True)
-    import torch.optim.optimizer
+    from torch.optim import optimizer as optim_module
     from torch.utils import _foreach_utils
 
     # Note: two lists: optimizers read their own copy in torch.optim.optimizer.
     for types in (
         getattr(_foreach_utils, "_foreach_supported_types", None),
-        getattr(torch.optim.optimizer, "_foreach_supported_types", None),
+        getattr(optim_module, "_foreach_supported_types", None),
     ):
         if isinstance(types, list) and RemoteTensor not in types:
             types.append(RemoteTensor)
