@@ -21,6 +21,7 @@ import msgspec
 from gpupool.errors import (
     AuthError,
     ConnectError,
+    LeaseExpired,
     ProtocolError,
     RemoteOpError,
     ServerLost,
@@ -77,7 +78,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class Connection:
-    def __init__(self, address: str, token: str, timeout: float = 30.0) -> None:
+    def __init__(self, address: str, token: str, timeout: float = 30.0, lease: str = "", gpu: int = 0) -> None:
         host, port = parse_address(address)
         self.address = address
         try:
@@ -89,7 +90,7 @@ class Connection:
         self._reader = FrameReader(sock)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello = m.Hello(protocol=PROTOCOL_VERSION, token=token, client=socket.gethostname())
+            hello = m.Hello(protocol=PROTOCOL_VERSION, token=token, client=socket.gethostname(), lease=lease, gpu=gpu)
             self._writer.send(m.plain_encoder.encode(hello))
             reply = self._read_reply()
         except ServerLost as e:
@@ -104,6 +105,8 @@ class Connection:
                 raise AuthError(f"{address} refused the session: {reply.message}")
             if reply.code == "version":
                 raise VersionMismatch(reply.message)
+            if reply.code == "lease":
+                raise LeaseExpired(f"{address} refused the lease: {reply.message}")
             raise ConnectError(f"{address} refused the session: {reply.message}")
         if not isinstance(reply, m.Welcome):
             sock.close()
@@ -220,6 +223,8 @@ class Connection:
                         raise ProtocolError(self.lost)
                     if reply.code == "oom":
                         raise ShareExceeded(self.lost)
+                    if reply.code == "lease":
+                        raise LeaseExpired(self.lost)
                     raise ServerLost(self.lost)
                 err = getattr(reply, "error", None)
                 if isinstance(reply, m.Data) and err is None:

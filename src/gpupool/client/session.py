@@ -23,10 +23,10 @@ _current = 0
 class Session:
     """A live session on a gpupool server. Use as a context manager; `.device` is its device."""
 
-    def __init__(self, address: str, token: str, index: int) -> None:
+    def __init__(self, address: str, token: str, index: int, lease: str = "", gpu: int = 0) -> None:
         from gpupool.client.connection import Connection
 
-        self.conn = Connection(address, token)
+        self.conn = Connection(address, token, lease=lease, gpu=gpu)
         self.index = index
         self.device = torch.device("gpupool", index)
         self.conn.set_encoder(_make_encoder())
@@ -67,21 +67,34 @@ class Session:
                 del _sessions[self.index]
 
 
-def connect(address: str | None = None, token: str | None = None) -> Session:
+def connect(
+    address: str | None = None,
+    token: str | None = None,
+    lease: str | None = None,
+    gpu: int = 0,
+    index: int | None = None,
+) -> Session:
     """Open a session on a gpupool server; its device is `session.device` ("gpupool:N").
 
-    `address` and `token` default to $GPUPOOL_SERVER and $GPUPOOL_TOKEN.
+    `address`, `token` and `lease` default to $GPUPOOL_SERVER, $GPUPOOL_TOKEN and
+    $GPUPOOL_LEASE (or the file $GPUPOOL_LEASE_PATH). With a lease (a controller-signed grant, what `gpupool run` passes), the
+    session uses the lease's GPU number `gpu` and its memory share.
     """
     from gpupool.client.backend import install
 
     install()
     address = address or os.environ.get("GPUPOOL_SERVER")
     token = token if token is not None else os.environ.get("GPUPOOL_TOKEN", "")
+    if lease is None:
+        lease = os.environ.get("GPUPOOL_LEASE", "") or _lease_from_file()
     if not address:
         raise ConnectError("no server given: pass an address or set GPUPOOL_SERVER=HOST:PORT")
     with _lock:
-        index = next(i for i in range(len(_sessions) + 1) if i not in _sessions)
-        s = Session(address, token, index)
+        if index is None:
+            index = next(i for i in range(len(_sessions) + 1) if i not in _sessions)
+        elif index in _sessions:
+            raise ConnectError(f"device gpupool:{index} already has a session")
+        s = Session(address, token, index, lease=lease, gpu=gpu)
         _sessions[index] = s
     return s
 
@@ -101,6 +114,18 @@ def _auto() -> Session | None:
     with _connect_lock:
         s = _sessions.get(_current)
         return s if s is not None else _autoconnect()
+
+
+def _lease_from_file() -> str:
+    """The current signed lease that `gpupool run` keeps renewed in $GPUPOOL_LEASE_PATH."""
+    path = os.environ.get("GPUPOOL_LEASE_PATH")
+    if not path:
+        return ""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConnectError(f"cannot read the lease that `gpupool run` keeps in {path}: {e}") from e
 
 
 def current_session() -> Session:

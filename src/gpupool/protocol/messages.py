@@ -42,9 +42,14 @@ MAX_EXT_BYTES = 64 * 1024
 
 
 class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """`lease`: a controller-signed lease (pool mode); `gpu`: which of its GPUs this session uses.
+    Without a lease, `token` must be the server's static token."""
+
     protocol: int
     token: str
     client: str = ""
+    lease: str = ""
+    gpu: int = 0
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):

@@ -13,6 +13,7 @@ class DeviceInfo:
     kind: str  # "cuda" or "cpu"
     name: str
     memory_total: int
+    uuid: str = ""  # the GPU's own UUID; empty for CPU-backed devices
 
     @property
     def torch_device(self) -> str:
@@ -36,7 +37,7 @@ def discover(cpu_gpus: int | None = None, cpu_memory: int = DEFAULT_CPU_MEMORY) 
             out = []
             for i in range(torch.cuda.device_count()):
                 p = torch.cuda.get_device_properties(i)
-                out.append(DeviceInfo(i, "cuda", p.name, int(p.total_memory)))
+                out.append(DeviceInfo(i, "cuda", p.name, int(p.total_memory), str(getattr(p, "uuid", "") or "")))
             return out
     n = 1 if cpu_gpus is None else cpu_gpus
     cpu = platform.processor() or platform.machine()

@@ -14,16 +14,18 @@ import hmac
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupool.errors import GpupoolError, ProtocolError
+from gpupool.errors import GpupoolError, LeaseError, ProtocolError
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter, Limits
 from gpupool.protocol.version import PROTOCOL_VERSION
@@ -55,6 +57,17 @@ class ServerConfig:
     handshake_timeout: float = field(default_factory=lambda: _env_float("GPUPOOL_HANDSHAKE_TIMEOUT", 10.0))
     #: Connections in their handshake at once; more are refused at once.
     max_handshakes: int = 128
+    #: Pool mode: checks a client's signed lease (raises a `LeaseError`) and returns its claims.
+    verify_lease: Callable[[str], Any] | None = None
+
+
+@dataclass
+class _SessionRecord:
+    proc: subprocess.Popen[bytes]
+    device: DeviceInfo
+    lease_id: str = ""
+    expires_at: float = float("inf")  # wall-clock seconds; the lease's, kept current by heartbeats
+    ending: float = 0.0  # monotonic time the worker was told to end, 0 if not yet
 
 
 class _Spare:
@@ -108,7 +121,7 @@ class Server:
         self._lock = threading.Lock()
         self._spare: _Spare | None = None
         self._refilling = False
-        self._sessions: dict[str, tuple[subprocess.Popen[bytes], DeviceInfo]] = {}
+        self._sessions: dict[str, _SessionRecord] = {}
         self._reserved = 0  # sessions admitted whose worker is being handed the connection
         self._handshakes = threading.BoundedSemaphore(config.max_handshakes)
         self._stopping = threading.Event()
@@ -153,9 +166,9 @@ class Server:
 
     def _reap(self) -> None:
         with self._lock:
-            for sid, (proc, _) in list(self._sessions.items()):
-                if proc.poll() is not None:
-                    log.info("session %s ended (worker %d exit %s)", sid, proc.pid, proc.returncode)
+            for sid, rec in list(self._sessions.items()):
+                if rec.proc.poll() is not None:
+                    log.info("session %s ended (worker %d exit %s)", sid, rec.proc.pid, rec.proc.returncode)
                     del self._sessions[sid]
 
     def session_count(self) -> int:
@@ -168,12 +181,66 @@ class Server:
         """Worker process id of each running session, by session id."""
         self._reap()
         with self._lock:
-            return {sid: proc.pid for sid, (proc, _) in self._sessions.items()}
+            return {sid: rec.proc.pid for sid, rec in self._sessions.items()}
+
+    def usage(self) -> list[dict[str, Any]]:
+        """Sessions per device, for the controller's heartbeat."""
+        self._reap()
+        with self._lock:
+            counts = {d.index: 0 for d in self.config.devices}
+            for rec in self._sessions.values():
+                counts[rec.device.index] = counts.get(rec.device.index, 0) + 1
+        return [{"index": i, "sessions": n} for i, n in counts.items()]
+
+    # ---- leases -----------------------------------------------------------------------------
+
+    def sync_leases(self, active: dict[str, Any]) -> None:
+        """The controller's view after a heartbeat: `active` maps lease id -> lease (with
+        `expires_at`). Sessions of leases no longer listed end now; the others get the renewed
+        expiry. Note [Lease expiry]: between heartbeats (or while the controller is away) the last
+        known expiry rules, so a session never outlives an unrenewed lease."""
+        with self._lock:
+            for rec in self._sessions.values():
+                if not rec.lease_id:
+                    continue
+                lease = active.get(rec.lease_id)
+                if lease is None:
+                    rec.expires_at = 0.0
+                else:
+                    rec.expires_at = float(lease.get("expires_at", rec.expires_at))
+        self.enforce_leases()
+
+    def enforce_leases(self, now: float | None = None) -> int:
+        """End sessions whose lease expired or ended; returns how many were told to end."""
+        now = time.time() if now is None else now
+        ended = 0
+        with self._lock:
+            for sid, rec in self._sessions.items():
+                if rec.proc.poll() is not None or rec.expires_at > now:
+                    continue
+                if not rec.ending:
+                    # Note: SIGUSR1 makes the worker tell its client why, then exit.
+                    log.info("session %s: lease %s ended; ending the session", sid, rec.lease_id)
+                    rec.ending = time.monotonic()
+                    _signal(rec.proc, signal.SIGUSR1)
+                    ended += 1
+                elif time.monotonic() - rec.ending > 5.0:
+                    _signal(rec.proc, signal.SIGKILL)
+        return ended
+
+    def _lease_watchdog(self) -> None:
+        while not self._stopping.wait(0.5):
+            try:
+                self.enforce_leases()
+                self._reap()
+            except Exception:  # noqa: BLE001 - the watchdog must keep running
+                log.exception("lease watchdog")
 
     # ---- connections ------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
         self._start_refill()
+        threading.Thread(target=self._lease_watchdog, name="gpupool-leases", daemon=True).start()
         while not self._stopping.is_set():
             try:
                 conn, peer = self._sock.accept()
@@ -250,9 +317,27 @@ class Server:
                 "install the same gpupool version on both",
             )
             return
-        if not hmac.compare_digest(hello.token.encode(), self.config.token.encode()):
+        grant: dict[str, Any] = {}
+        if hello.lease and self.config.verify_lease is not None:
+            try:
+                claims = self.config.verify_lease(hello.lease)
+            except LeaseError as e:
+                log.warning("refused %s: %s", peer, e)
+                self._refuse(conn, "lease", str(e))
+                return
+            if not 0 <= hello.gpu < len(claims.gpus):
+                self._refuse(conn, "lease", f"lease {claims.id} holds {len(claims.gpus)} GPU(s); GPU {hello.gpu} asked for")
+                return
+            g = claims.gpus[hello.gpu]
+            dev = next((d for d in self.config.devices if d.index == g.index), None)
+            if dev is None:
+                self._refuse(conn, "lease", f"lease {claims.id} names GPU {g.index}, which this server does not have")
+                return
+            grant = {"device": dev, "limit": min(g.bytes, dev.memory_total), "lease_id": claims.id, "expires_at": claims.expires_at}
+        elif not self.config.token or not hmac.compare_digest(hello.token.encode(), self.config.token.encode()):
             log.warning("refused %s: wrong token", peer)
-            self._refuse(conn, "auth", "invalid token: check --token or GPUPOOL_TOKEN")
+            what = "no lease and no valid token" if self.config.verify_lease is not None else "invalid token"
+            self._refuse(conn, "auth", f"{what}: check --token or GPUPOOL_TOKEN")
             return
         self._reap()
         with self._lock:
@@ -263,15 +348,24 @@ class Server:
             self._refuse(conn, "busy", f"server at its limit of {self.config.max_sessions} sessions")
             return
         try:
-            self._start_session(conn, peer)
+            self._start_session(conn, peer, **grant)
         finally:
             with self._lock:
                 self._reserved -= 1
 
-    def _start_session(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
-        dev = self._pick_device()
+    def _start_session(
+        self,
+        conn: socket.socket,
+        peer: tuple[Any, ...],
+        device: DeviceInfo | None = None,
+        limit: int | None = None,
+        lease_id: str = "",
+        expires_at: float = float("inf"),
+    ) -> None:
+        dev = device or self._pick_device()
         sid = uuid.uuid4().hex[:12]
-        limit = min(self.config.memory_limit or dev.memory_total, dev.memory_total)
+        if limit is None:
+            limit = min(self.config.memory_limit or dev.memory_total, dev.memory_total)
         info = {
             "session": sid,
             "kind": dev.kind,
@@ -291,7 +385,7 @@ class Server:
             self._refuse(conn, "busy", "could not start a session worker")
             return
         with self._lock:
-            self._sessions[sid] = (spare.proc, dev)
+            self._sessions[sid] = _SessionRecord(spare.proc, dev, lease_id, expires_at)
         log.info(
             "session %s for %s on %s:%d (limit %d bytes, worker pid %d)",
             sid, peer, dev.kind, dev.index, limit, spare.proc.pid,
@@ -320,7 +414,7 @@ class Server:
             pass
         with self._lock:
             spare, self._spare = self._spare, None
-            procs = [p for p, _ in self._sessions.values()]
+            procs = [rec.proc for rec in self._sessions.values()]
         if spare is not None:
             spare.discard()
         for p in procs:
@@ -331,3 +425,10 @@ class Server:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except (ProcessLookupError, OSError):
+        pass

@@ -67,6 +67,14 @@ def _end(writer: Any, code: str, message: str) -> None:
         pass
 
 
+class LeaseEnded(Exception):
+    """Raised in the worker by SIGUSR1: the listener saw the session's lease end."""
+
+
+def _lease_ended(signum: int, frame: Any) -> None:
+    raise LeaseEnded()
+
+
 def run_session(conn: socket.socket, info: dict[str, Any]) -> None:
     """Serve one session on `conn` until it ends; never raises."""
     import torch
@@ -101,7 +109,16 @@ def run_session(conn: socket.socket, info: dict[str, Any]) -> None:
                 )
             )
         )
+        signal.signal(signal.SIGUSR1, _lease_ended)
         ex.serve(reader, writer)
+    except LeaseEnded:
+        log.info("session %s: lease ended", info["session"])
+        _end(
+            writer,
+            "lease",
+            "the session's lease ended (not renewed in time, released, or its server was drained "
+            "or marked down); its memory is freed: request a new lease",
+        )
     except ProtocolError as e:
         log.warning("session %s: protocol error: %s", info["session"], e)
         _end(writer, "protocol", str(e))

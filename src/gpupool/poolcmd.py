@@ -1,0 +1,337 @@
+"""What the pool commands of the CLI do (`gpupool up/run/request/release/list/smi/status/token/drain`).
+
+Kept apart from `cli.py` (argument parsing only) so each command is a plain function.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+
+from gpupool import display, home
+from gpupool.errors import ControllerError, GpupoolError, LeaseExpired, NoCapacity
+from gpupool.units import parse_bytes
+
+#: Exit status when the pool has no capacity (or quota) for a request.
+EXIT_NO_CAPACITY = 3
+
+
+def _die(message: str, code: int = 1) -> None:
+    display.err_console.print(f"[bold red]gpupool:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn gpupool errors into one clear line and a non-zero exit status."""
+    try:
+        yield
+    except NoCapacity as e:
+        _die(str(e), EXIT_NO_CAPACITY)
+    except ControllerError as e:
+        _die(str(e), EXIT_NO_CAPACITY if e.code == "quota_exceeded" else 1)
+    except GpupoolError as e:
+        _die(str(e))
+    except ValueError as e:
+        _die(str(e), 2)
+
+
+def _client(controller: str | None, token: str | None) -> Any:
+    from gpupool.controller.client import ControllerClient
+
+    url, tok = home.resolve_controller(controller, token)
+    return ControllerClient(url, tok)
+
+
+def parse_duration(text: str) -> float:
+    mt = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text)
+    if not mt:
+        raise ValueError(f"not a duration: {text!r} (try 90s, 30m, 2h, 1d)")
+    return float(mt.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[mt.group(2)]
+
+
+def request_body(n: int, p: float | None, m: str | None, filters: list[str], ttl_s: float | None, spread: bool) -> dict[str, Any]:
+    if p is not None and m is not None:
+        raise ValueError("give -p (a fraction) or -m (bytes), not both")
+    body: dict[str, Any] = {"n": n, "spread": spread}
+    if p is not None:
+        body["fraction"] = p
+    if m is not None:
+        body["memory_bytes"] = parse_bytes(m)
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    labels: dict[str, str] = {}
+    for f in filters:
+        key, sep, value = f.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad --filter {f!r}: expected KEY=VALUE, e.g. model=H200")
+        k = key.strip().lower().replace("_", "-")
+        if k in ("model", "kind", "server"):
+            body[k] = value
+        elif k == "min-memory":
+            body["min_memory_bytes"] = parse_bytes(value)
+        else:
+            labels[key.strip()] = value
+    if labels:
+        body["labels"] = labels
+    return body
+
+
+def _request(client: Any, wait: float, body: dict[str, Any]) -> dict[str, Any]:
+    """Request a lease, showing the place in the queue while it waits."""
+    if wait <= 0:
+        return client.request(wait_s=0, **body)  # type: ignore[no-any-return]
+    with display.err_console.status("asking the pool for GPUs ...") as st:
+
+        def on_position(place: int) -> None:
+            st.update(f"waiting in the queue: place {place + 1 if place >= 0 else '?'} (up to {wait:g} s)")
+
+        return client.request(wait_s=wait, on_position=on_position, **body)  # type: ignore[no-any-return]
+
+
+# ---- gpupool run --------------------------------------------------------------------------------
+
+
+class _LeaseKeeper:
+    """Renews a lease while a command runs and keeps the current signed text in a file.
+
+    Note: a client process that opens a session late (a second GPU, a subprocess) must present a
+    lease that has not expired, so children read the latest renewal from this file
+    (GPUPOOL_LEASE_PATH) rather than the text they were started with.
+    """
+
+    def __init__(self, client: Any, lease: dict[str, Any], release: bool) -> None:
+        from gpupool.controller.client import LeaseRenewer
+
+        self.release = release
+        fd, self.path = tempfile.mkstemp(prefix="gpupool-lease-", suffix=".txt")
+        os.close(fd)
+        self._write(lease["signed"])
+        self.renewer = LeaseRenewer(client, lease, on_lost=self._lost)
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._follow, daemon=True)
+
+    def _write(self, text: str) -> None:
+        tmp = self.path + ".new"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.path)
+
+    def _lost(self, e: GpupoolError) -> None:
+        display.err_console.print(f"[bold red]gpupool:[/] the lease ended while the command ran: {e}")
+
+    def _follow(self) -> None:
+        last = self.renewer.lease["signed"]
+        while not self._stop.wait(0.5):
+            cur = self.renewer.lease["signed"]
+            if cur != last:
+                self._write(cur)
+                last = cur
+
+    def start(self) -> _LeaseKeeper:
+        self.renewer.start()
+        self._watch.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.renewer.stop(release=self.release)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def run_in_pool(
+    cmd: list[str],
+    controller: str | None,
+    token: str | None,
+    n: int | None,
+    p: float | None,
+    m: str | None,
+    filters: list[str],
+    wait: float,
+    ttl: float | None,
+    spread: bool,
+) -> int:
+    from gpupool.launcher import run_command
+
+    with _errors():
+        client = _client(controller, token)
+        held = home.read_lease() if n is None and p is None and m is None and not filters else None
+        if held is not None:
+            lease = client.lease(held["lease"]["id"])
+            if lease["state"] != "active":
+                raise LeaseExpired(
+                    f"the lease in {home.lease_file()} is {lease['state']}: run `gpupool release` and request again"
+                )
+            release = False
+        else:
+            lease = _request(client, wait, request_body(n or 1, p, m, filters, ttl, spread))
+            release = True
+    display.err_console.print(f"gpupool: {display.lease_summary(lease)}", highlight=False)
+    keeper = _LeaseKeeper(client, lease, release).start()
+    env = {
+        "GPUPOOL_LEASE_PATH": keeper.path,
+        "GPUPOOL_LEASE_ID": lease["id"],
+        "GPUPOOL_LEASE_GPUS": str(len(lease["gpus"])),
+    }
+    # Note: run_command forwards SIGINT/SIGTERM to the command and returns when it exits, so
+    # the lease is released here on Ctrl-C and SIGTERM too.
+    try:
+        return run_command(cmd, lease["address"], "", extra_env=env)
+    finally:
+        keeper.stop()
+        if release:
+            display.err_console.print(f"gpupool: released lease {lease['id']}", highlight=False)
+
+
+# ---- the other commands ---------------------------------------------------------------------
+
+
+def request(controller: str | None, token: str | None, n: int, p: float | None, m: str | None,
+            filters: list[str], ttl: str, wait: float, spread: bool, as_json: bool) -> None:
+    with _errors():
+        client = _client(controller, token)
+        lease = _request(client, wait, request_body(n, p, m, filters, parse_duration(ttl), spread))
+        old = home.read_lease()
+        path = home.write_lease(lease, client.url)
+    if old is not None:
+        display.err_console.print(
+            f"gpupool: {path} held lease {old['lease']['id']}; it is replaced here but still held "
+            f"until it expires or `gpupool release {old['lease']['id']}`",
+            highlight=False,
+        )
+    if as_json:
+        display.emit_json(lease)
+    else:
+        display.console.print(display.lease_summary(lease), highlight=False)
+        display.console.print(f"written to {path}: `gpupool run -- CMD` here uses it; `gpupool release` gives it back")
+
+
+def release(controller: str | None, token: str | None, lease_id: str | None) -> None:
+    held = home.read_lease()
+    if lease_id is None:
+        if held is None:
+            _die(f"no lease given and none held here ({home.lease_file()})")
+        assert held is not None
+        lease_id = held["lease"]["id"]
+    with _errors():
+        client = _client(controller, token)
+        try:
+            client.release(lease_id)
+        except LeaseExpired:
+            pass  # ended already: nothing to give back
+    if held is not None and held["lease"]["id"] == lease_id:
+        home.remove_lease()
+    display.console.print(f"released lease {lease_id}")
+
+
+def list_gpus(controller: str | None, token: str | None, as_json: bool) -> None:
+    with _errors():
+        gpus = _client(controller, token).gpus()
+    if as_json:
+        display.emit_json({"gpus": gpus})
+    else:
+        display.console.print(display.gpus_table(gpus))
+
+
+def smi(controller: str | None, token: str | None, lease_id: str | None, as_json: bool) -> None:
+    held = home.read_lease()
+    lease_id = lease_id or (held["lease"]["id"] if held else None)
+    if not lease_id:
+        _die("no lease here: run it under `gpupool run`, pass --lease ID, or `gpupool request` first")
+    with _errors():
+        client = _client(controller, token)
+        lease = client.lease(lease_id)
+        usage = {g["index"]: g for g in client.gpus() if g["server_id"] == lease["server_id"]}
+    if as_json:
+        display.emit_json({"lease": lease, "gpus": [usage.get(g["index"], {}) for g in lease["gpus"]]})
+    else:
+        display.console.print(display.smi_table(lease, usage))
+
+
+def status(controller: str | None, token: str | None, as_json: bool) -> None:
+    with _errors():
+        st = _client(controller, token).status()
+    if as_json:
+        display.emit_json(st)
+    else:
+        display.console.print(display.status_text(st), highlight=False)
+    if not st["healthy"]:
+        raise typer.Exit(1)
+
+
+def token_create(controller: str | None, token: str | None, user: str, role: str, note: str, ttl: str | None) -> None:
+    with _errors():
+        out = _client(controller, token).create_token(user, role, note, parse_duration(ttl) if ttl else None)
+    display.console.print(f"token for {out['user']} ({out['role']}), id {out['id']} — shown once, keep it safe:")
+    print(out["token"])
+
+
+def token_list(controller: str | None, token: str | None, as_json: bool) -> None:
+    with _errors():
+        toks = _client(controller, token).tokens()
+    if as_json:
+        display.emit_json({"tokens": toks})
+        return
+    for t in toks:
+        state = "revoked" if t.get("revoked_at") else "active"
+        display.console.print(f"{t['id']}  {t['user']:<16} {t['role']:<7} {state}  {t.get('note', '')}", highlight=False)
+
+
+def token_revoke(controller: str | None, token: str | None, token_id: str) -> None:
+    with _errors():
+        _client(controller, token).revoke_token(token_id)
+    display.console.print(f"revoked token {token_id}")
+
+
+def drain(controller: str | None, token: str | None, server: str, undo: bool) -> None:
+    with _errors():
+        c = _client(controller, token)
+        out = c.resume(server) if undo else c.drain(server)
+    display.console.print(f"server {out['name']}: {'draining' if out['draining'] else 'accepting new leases'}")
+
+
+# ---- gpupool up -----------------------------------------------------------------------------
+
+
+def up(cpu_gpus: int | None, cpu_gpu_memory: str, listen: str, server_listen: str, db: str | None) -> None:
+    from gpupool.controller.app import Settings
+    from gpupool.controller.runner import ControllerThread
+    from gpupool.server.__main__ import serve
+
+    token = "gpt_" + secrets.token_urlsafe(24)
+    host, _, port = listen.rpartition(":")
+    try:
+        ctl = ControllerThread(Settings(db_url=db, admin_token=token), host.strip("[]") or "127.0.0.1", int(port)).start()
+    except (OSError, RuntimeError, ValueError) as e:
+        _die(f"cannot start the controller: {e}")
+    home.write_pool(ctl.url, token)
+    print(f"gpupool controller on {ctl.url} (state in {home.home()})", flush=True)
+    print("use it from this machine with no flags:  gpupool run -n 1 -p 0.5 -- python train.py", flush=True)
+    print("  gpupool list | gpupool status | gpupool request -n 1 -p 0.25 --ttl 2h | gpupool release", flush=True)
+    print(f"admin token (also in {home.pool_file()}): {token}", flush=True)
+    if cpu_gpus is None:
+        from gpupool.server.device import discover
+
+        if all(d.kind == "cpu" for d in discover(None)):
+            print("no GPU on this host: offering 1 CPU-backed GPU (labelled kind=cpu)", flush=True)
+    try:
+        serve(server_listen, token, None, cpu_gpus, cpu_gpu_memory, controller=ctl.url, name="local")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        home.remove_pool()
+        ctl.stop()
+        print("gpupool pool stopped", flush=True)
+        sys.stdout.flush()
