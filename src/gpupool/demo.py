@@ -1,58 +1,66 @@
-"""`make demo`: start a pool on this machine, run an unmodified CUDA example on it, stop the pool."""
+"""`make demo`: start a pool on this machine (`gpupool up`), run an unmodified CUDA example on
+half of its GPU (`gpupool run -n 1 -p 0.5`), print the results, stop the pool."""
 
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "train_mlp.py"
+EXAMPLE = ROOT / "examples" / "mlp_train.py"
 
 
-def start_server(token: str) -> tuple[subprocess.Popen, str]:
+def start_pool(env: dict[str, str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpupool", "server", "--listen", "127.0.0.1:0", "--token", token],
+        [sys.executable, "-m", "gpupool", "up"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=env,
     )
     assert proc.stdout is not None
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
-        print(f"  [server] {line.rstrip()}")
+        print(f"  [pool] {line.rstrip()}", flush=True)
         if "listening on" in line:
-            return proc, line.rsplit(" ", 1)[1].strip()
+            return proc
     proc.kill()
-    raise SystemExit("the gpupool server did not start")
+    raise SystemExit("gpupool demo: the pool did not start")
 
 
 def main() -> int:
     example = Path(sys.argv[1]) if len(sys.argv) > 1 else EXAMPLE
-    token = secrets.token_urlsafe(16)
-    print("gpupool demo: starting a server on this machine ...")
-    proc, address = start_server(token)
-    try:
-        cmd = [sys.executable, "-m", "gpupool", "run", "--server", address, "--token", token, "--", sys.executable, str(example)]
-        print(f"gpupool demo: running an unmodified CUDA program on it:\n  gpupool run --server {address} --token *** -- python {example.relative_to(ROOT) if example.is_relative_to(ROOT) else example}")
-        t0 = time.monotonic()
-        rc = subprocess.call(cmd)
-        print(f"gpupool demo: the program exited with status {rc} after {time.monotonic() - t0:.1f} s")
-        return rc
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryDirectory(prefix="gpupool-demo-") as tmp:
+        env = dict(os.environ, GPUPOOL_HOME=tmp, PYTHONUNBUFFERED="1")
+        print("gpupool demo: starting a pool on this machine (gpupool up) ...", flush=True)
+        pool = start_pool(env)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print("gpupool demo: pool stopped")
+            shown = example.relative_to(ROOT) if example.is_relative_to(ROOT) else example
+            print(f"gpupool demo: running an unmodified CUDA program on half a GPU:\n"
+                  f"  gpupool run -n 1 -p 0.5 -- python {shown}", flush=True)
+            t0 = time.monotonic()
+            rc = subprocess.call(
+                [sys.executable, "-m", "gpupool", "run", "-n", "1", "-p", "0.5", "--wait", "60", "--",
+                 sys.executable, str(example)],
+                env=env,
+            )
+            print(f"gpupool demo: the program exited with status {rc} after {time.monotonic() - t0:.1f} s", flush=True)
+            subprocess.call([sys.executable, "-m", "gpupool", "list"], env=env)
+            return rc
+        finally:
+            pool.terminate()
+            try:
+                pool.wait(20)
+            except subprocess.TimeoutExpired:
+                pool.kill()
+            print("gpupool demo: pool stopped", flush=True)
 
 
 if __name__ == "__main__":
