@@ -54,11 +54,11 @@ __all__ = [
 ]
 
 
-def connect(address: str | None = None, token: str | None = None) -> Session:
+def connect(address: str | None = None, token: str | None = None, **kwargs: Any) -> Session:
     """Open a session on a gpupool server; see `gpupool.client.session.connect`."""
     from gpupool.client.session import connect as _connect
 
-    return _connect(address, token)
+    return _connect(address, token, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

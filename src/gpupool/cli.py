@@ -103,6 +103,9 @@ def controller(
     db: str = typer.Option(None, help="SQLAlchemy URL (default: SQLite under $GPUPOOL_HOME)."),
     init: bool = typer.Option(False, "--init", help="Create an admin token and print it once."),
     admin_token: str = typer.Option(None, envvar="GPUPOOL_ADMIN_TOKEN", help="Make sure this admin token exists."),
+    heartbeat_interval: float = typer.Option(5.0, help="Seconds between server heartbeats (3 missed: server down)."),
+    sweep_interval: float = typer.Option(1.0, help="Seconds between checks of liveness, lease expiry and queue deadlines."),
+    default_ttl: float = typer.Option(600.0, help="Lease time to live when a request gives none (seconds)."),
 ) -> None:
     """Run the pool controller: inventory, scheduler, queue and leases, over HTTP/JSON (OpenAPI at /docs)."""
     from gpupool.controller.__main__ import main as controller_main
@@ -114,6 +117,8 @@ def controller(
         argv.append("--init")
     if admin_token:
         argv += ["--admin-token", admin_token]
+    argv += ["--heartbeat-interval", str(heartbeat_interval), "--sweep-interval", str(sweep_interval),
+             "--default-ttl", str(default_ttl)]
     controller_main(argv)
 
 

@@ -21,6 +21,7 @@ import msgspec
 from gpupool.errors import (
     AuthError,
     ConnectError,
+    LeaseError,
     LeaseExpired,
     ProtocolError,
     RemoteOpError,
@@ -106,7 +107,7 @@ class Connection:
             if reply.code == "version":
                 raise VersionMismatch(reply.message)
             if reply.code == "lease":
-                raise LeaseExpired(f"{address} refused the lease: {reply.message}")
+                raise LeaseError(f"{address} refused the lease: {reply.message}")
             raise ConnectError(f"{address} refused the session: {reply.message}")
         if not isinstance(reply, m.Welcome):
             sock.close()
