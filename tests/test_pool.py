@@ -182,3 +182,44 @@ def test_list_exits_nonzero_without_a_pool(tmp_path: Path) -> None:
     r = cli(tmp_path, "http://127.0.0.1:9", "list")
     assert r.returncode != 0
     assert "controller" in r.stderr.lower()
+
+
+def test_queued_run_shows_its_place_and_starts_when_capacity_frees(pool) -> None:
+    home, url, _, _, _ = pool
+    a, da = _holder(home, url, "a", "-n", "1")  # the whole GPU
+    wait_file(da / "ready", proc=a)
+    b, db = _holder(home, url, "b", "-n", "1", "-p", "0.5", "--wait", "120")
+    assert b.stdout is not None
+    line = b.stdout.readline()
+    while "waiting in the queue" not in line:
+        assert line, "gpupool run ended without queueing"
+        line = b.stdout.readline()
+    assert "place 1" in line
+    assert not (db / "ready").exists()
+    (da / "go").touch()
+    assert a.wait(120) == 0
+    wait_file(db / "ready", proc=b)  # granted once the whole-GPU lease was released
+    (db / "go").touch()
+    assert b.wait(120) == 0
+
+
+def test_tokens_users_and_drain_through_the_cli(pool) -> None:
+    home, url, _, _, _ = pool
+    made = cli(home, url, "token", "create", "--user", "alice")
+    assert made.returncode == 0, made.stderr
+    alice = made.stdout.strip().splitlines()[-1]
+    r = cli(home, url, "request", "-n", "1", "-p", "0.25", "--json", token=alice)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["user"] == "alice"
+    # alice sees only her own leases; an admin sees all
+    listed = json.loads(cli(home, url, "token", "list", "--json").stdout)["tokens"]
+    tid = next(t["id"] for t in listed if t["user"] == "alice")
+    assert cli(home, url, "token", "revoke", tid).returncode == 0
+    denied = cli(home, url, "list", token=alice)
+    assert denied.returncode != 0 and "token" in denied.stderr.lower()
+    # drain: no new leases on the server
+    assert cli(home, url, "drain", "gpu-host-1").returncode == 0
+    refused = cli(home, url, "request", "-n", "1", "-p", "0.25", "--wait", "0")
+    assert refused.returncode != 0
+    assert cli(home, url, "drain", "--undo", "gpu-host-1").returncode == 0
+    assert cli(home, url, "request", "-n", "1", "-p", "0.25", "--wait", "0").returncode == 0

@@ -90,10 +90,16 @@ def _request(client: Any, wait: float, body: dict[str, Any]) -> dict[str, Any]:
     """Request a lease, showing the place in the queue while it waits."""
     if wait <= 0:
         return client.request(wait_s=0, **body)  # type: ignore[no-any-return]
+    if not display.err_console.is_terminal:
+        # No live display on a pipe or a log: one line each time the place changes.
+        def on_line(place: int) -> None:
+            print(f"gpupool: waiting in the queue: place {place} (up to {wait:g} s)", file=sys.stderr, flush=True)
+
+        return client.request(wait_s=wait, on_position=on_line, **body)  # type: ignore[no-any-return]
     with display.err_console.status("asking the pool for GPUs ...") as st:
 
         def on_position(place: int) -> None:
-            st.update(f"waiting in the queue: place {place + 1 if place >= 0 else '?'} (up to {wait:g} s)")
+            st.update(f"waiting in the queue: place {place} (up to {wait:g} s)")
 
         return client.request(wait_s=wait, on_position=on_position, **body)  # type: ignore[no-any-return]
 
