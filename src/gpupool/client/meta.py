@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gpupool.client.tensor import RemoteTensor
+from gpupool.errors import UnsupportedError
 
 Layout = tuple[tuple[int, ...], tuple[int, ...], int, torch.dtype]
 
@@ -32,6 +33,7 @@ class OutSpec:
     arg: int  # index into the flattened tensor inputs, or -1 for a new tensor
     layout: Layout
     changed: bool  # an input whose metadata the op changed (out= resize, t_, as_strided_)
+    bits: int = 0  # a new tensor's conjugate/negative bits (see Note [Conj bits] in tensor.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,19 @@ def _values_matter(func: torch._ops.OpOverload) -> bool:
     return r
 
 
+CONJ, NEG = 1, 2
+
+
+def bits_of(t: torch.Tensor) -> int:
+    return (CONJ if t.is_conj() else 0) | (NEG if t.is_neg() else 0)
+
+
+def set_bits(t: torch.Tensor, bits: int) -> None:
+    """Give `t` (a wrapper or a meta tensor) the conjugate/negative bits `bits`."""
+    torch._C._set_conj(t, bool(bits & CONJ))
+    torch._C._set_neg(t, bool(bits & NEG))
+
+
 def layout_of(t: torch.Tensor) -> Layout:
     return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
 
@@ -69,7 +84,7 @@ def signature(x: Any, values: bool) -> Any:
     """A hashable key for an argument; RemoteTensors by layout, scalars by value or type."""
     t = type(x)
     if t is RemoteTensor or isinstance(x, RemoteTensor):
-        return (x.shape, x.stride(), x.storage_offset(), x.dtype)
+        return (x.shape, x.stride(), x.storage_offset(), x.dtype, x._bits)
     if t is list or t is tuple:
         return tuple(signature(v, values) for v in x)
     if t is float or t is int or t is bool or t is complex:
@@ -86,6 +101,8 @@ def to_meta(x: Any, inputs: list[torch.Tensor], metas: list[torch.Tensor]) -> An
         mt = torch.empty((max(numel_needed, 0),), dtype=x.dtype, device=_META_DEVICE).as_strided(
             x.shape, x.stride(), x.storage_offset()
         )
+        if x._bits:
+            set_bits(mt, x._bits)
         inputs.append(x)
         metas.append(mt)
         return mt
@@ -180,16 +197,26 @@ def _infer(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
         raise DynamicOutput(str(e)) from e
     except RuntimeError as e:
         text = str(e)
-        if "data-dependent" in text or "Meta" in text and "backend" in text or "meta tensor" in text.lower() and "item" in text:
+        # Note: a meta kernel that needs data ("cannot repeat_interleave a meta tensor without
+        # output_size", `.item()` on a meta tensor) or that does not exist for Meta: the server
+        # runs the op and describes its outputs. Genuine argument errors are raised there too,
+        # at once, since such ops wait for the server's reply.
+        if "data-dependent" in text or "Meta" in text and "backend" in text or "meta tensor" in text.lower():
             raise DynamicOutput(text) from e
         raise
     ids = {id(mt): i for i, mt in enumerate(metas)}
     specs = []
-    for o in flat_tensors(out, []):
+    flat = flat_tensors(out, [])
+    for o in flat:
+        if o.layout != torch.strided:
+            raise UnsupportedError(
+                f"{func}: {o.layout} tensors are not supported on a gpupool device (strided only)"
+            )
+    for o in flat:
         k = ids.get(id(o), -1)
         lay = layout_of(o)
         changed = k >= 0 and lay != layout_of(inputs[k])
-        specs.append(OutSpec(k, lay, changed))
+        specs.append(OutSpec(k, lay, changed, bits_of(o) if k < 0 else 0))
     return Plan(tuple(specs), structure_of(out))
 
 

@@ -3,6 +3,13 @@
 A `RemoteTensor` is a wrapper subclass: shape, strides, dtype and device live on the client
 (PyTorch reads them without calling us); the elements live on the server under `_h.id`.
 
+Note [Conj bits]: a wrapper carries the same conjugate/negative bits as its server tensor (the
+meta kernel's output bits, set on the wrapper when it is made, and mirrored in `_bits` so the
+plan cache can key on them with one attribute read). PyTorch resolves those bits on the client
+before most ops reach `__torch_dispatch__`; only the bit-aware ops (views, `clone`, `copy_`)
+arrive with bits set, and the server, whose tensor has the same bits, gives them the same
+meaning. Uploads resolve bits on the host, so a fresh upload never has any.
+
 Note [Handle lifetime]: each wrapper owns one `Handle`. When the wrapper is collected, the
 handle's `__del__` queues a free; the server frees the tensor at the next flush. Views get
 their own handles, pointing at real views on the server, so the server's storage stays alive as
@@ -40,6 +47,8 @@ class Handle:
 
 class RemoteTensor(torch.Tensor):
     _h: Handle
+    #: Conjugate/negative bits (meta.CONJ | meta.NEG), set per instance only when nonzero.
+    _bits: int = 0
 
     @staticmethod
     def __new__(
