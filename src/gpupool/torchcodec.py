@@ -44,6 +44,8 @@ def host_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # e.g. one element with zero strides counts as contiguous
+        flat = flat.clone()
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")

@@ -580,7 +580,31 @@ def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
     special = SPECIAL.get(func)
     if special is not None:
         return special(func, args, kwargs)
+    if func in _composite:
+        # Note: without autograd keys (inference tensors) composite ops such as `to` reach us
+        # whole; decompose them so copies and views take their usual paths.
+        out = func.decompose(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
     return run_remote(func, args, kwargs)
+
+
+class _CompositeOps:
+    """Ops with a CompositeImplicitAutograd kernel, looked up once per op."""
+
+    def __init__(self) -> None:
+        self._known: dict[Any, bool] = {}
+
+    def __contains__(self, func: Any) -> bool:
+        r = self._known.get(func)
+        if r is None:
+            r = self._known[func] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), "CompositeImplicitAutograd"
+            )
+        return r
+
+
+_composite = _CompositeOps()
 
 
 def fallback(func: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:

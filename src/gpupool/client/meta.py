@@ -122,18 +122,20 @@ def to_meta(x: Any, inputs: list[torch.Tensor], metas: list[torch.Tensor]) -> An
 def remote_inputs(args: tuple, kwargs: dict) -> list[RemoteTensor]:
     """The RemoteTensors among the arguments, in the order `to_meta` records them."""
     acc: list[RemoteTensor] = []
-
-    def visit(x: Any) -> None:
-        if isinstance(x, RemoteTensor):
-            acc.append(x)
-        elif type(x) is list or type(x) is tuple:
-            for v in x:
-                visit(v)
-
-    visit(args)
+    _collect_remote(args, acc)
     for v in kwargs.values():
-        visit(v)
+        _collect_remote(v, acc)
     return acc
+
+
+def _collect_remote(x: Any, acc: list[RemoteTensor]) -> None:
+    # Note: a module-level function, not a closure: a recursive closure is a reference cycle
+    # that would keep the op's inputs (and their server memory) alive until the cyclic GC runs.
+    if isinstance(x, RemoteTensor):
+        acc.append(x)
+    elif type(x) is list or type(x) is tuple:
+        for v in x:
+            _collect_remote(v, acc)
 
 
 def structure_of(out: Any) -> Any:

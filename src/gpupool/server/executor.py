@@ -580,7 +580,7 @@ class Executor:
         if err is not None:
             return m.Data(error=err), None
         try:
-            t = self._get(handle).detach()
+            t = self._get(handle).detach().resolve_conj().resolve_neg()
             nbytes = t.numel() * t.element_size()
             if t.device.type == "cpu" and t.is_contiguous():
                 return m.Data(nbytes=nbytes), host_bytes(t)
@@ -690,7 +690,11 @@ class Executor:
         elif t is m.Seed:
             assert isinstance(cmd, m.Seed)
             try:
-                torch.manual_seed(cmd.seed)
+                # Note: not torch.manual_seed: on a CPU-only build it also queues a lazy CUDA
+                # seeding call with a formatted stack, ~25x the cost of seeding itself.
+                torch.random.default_generator.manual_seed(cmd.seed)
+                if self.is_cuda:
+                    torch.cuda.manual_seed(cmd.seed)
             except (RuntimeError, ValueError, OverflowError) as e:
                 self._record(-1, "manual_seed", e)
         elif t is m.Bye:
