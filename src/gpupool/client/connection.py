@@ -42,20 +42,37 @@ _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _torch_dir: str | None = None
 
 
-def _user_location() -> str:
-    """The first frame outside torch and gpupool: the user's line that issued an op."""
+_internal_code: dict[Any, bool] = {}
+
+
+def _is_internal(code: Any) -> bool:
     global _torch_dir
     if _torch_dir is None:
         import torch
 
         _torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    fn = code.co_filename
+    r = _internal_code[code] = fn.startswith(_here) or fn.startswith(_torch_dir) or fn.startswith("<frozen")
+    return r
+
+
+def _user_location() -> tuple[str, int] | None:
+    """The first frame outside torch and gpupool: the user's line that issued an op.
+
+    Runs for every op, so it only walks frames and looks each code object up once; the text is
+    made when an error is reported.
+    """
     f = sys._getframe(2)
+    known = _internal_code
     while f is not None:
-        fn = f.f_code.co_filename
-        if not (fn.startswith(_here) or fn.startswith(_torch_dir) or fn.startswith("<frozen")):
-            return f"{fn}:{f.f_lineno}"
+        code = f.f_code
+        internal = known.get(code)
+        if internal is None:
+            internal = _is_internal(code)
+        if not internal:
+            return (code.co_filename, f.f_lineno)
         f = f.f_back  # type: ignore[assignment]
-    return "<unknown>"
+    return None
 
 
 def _reply_ext_hook(code: int, data: memoryview) -> Any:
@@ -120,7 +137,7 @@ class Connection:
         self.frees: list[int] = []
         self._handles = itertools.count(1)
         self._seq = itertools.count(1)
-        self._where: dict[int, tuple[str, str]] = {}
+        self._where: dict[int, tuple[str, tuple[str, int] | None]] = {}
         self.closed = False
         self.lost: str | None = None
         self._encoder: msgspec.msgpack.Encoder | None = None
@@ -247,8 +264,9 @@ class Connection:
             raise self._error(err, where)
         return reply
 
-    def _error(self, err: m.ErrorInfo, where: dict[int, tuple[str, str]]) -> RemoteOpError:
-        op, loc = where.get(err.seq, (err.op, ""))
+    def _error(self, err: m.ErrorInfo, where: dict[int, tuple[str, tuple[str, int] | None]]) -> RemoteOpError:
+        op, place = where.get(err.seq, (err.op, None))
+        loc = f"{place[0]}:{place[1]}" if place else ""
         text = f"{op} failed on the gpupool server: {err.message}"
         if loc:
             text += f"\n  issued at {loc}"

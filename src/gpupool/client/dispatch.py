@@ -30,18 +30,18 @@ from gpupool.protocol.ops import check_op_name
 from gpupool.torchcodec import DTYPE_TO_NAME, dtype_from_name, host_bytes, op_name
 
 aten = torch.ops.aten
-_names: dict[Any, str] = {}
+_names: dict[int, str] = {}
 
 #: The handler of each op that needs one (None: the plain planned path). See Note [Routes].
 Route = Callable[[torch._ops.OpOverload, tuple, dict, Session], Any]
-_routes: dict[Any, Route | None] = {}
+_routes: dict[int, Route | None] = {}
 _UNSET: Any = object()
 
 
 def _name(func: torch._ops.OpOverload) -> str:
-    n = _names.get(func)
+    n = _names.get(id(func))
     if n is None:
-        n = _names[func] = op_name(func)
+        n = _names[id(func)] = op_name(func)
     return n
 
 
@@ -59,28 +59,33 @@ def wrap(session: Session, hid: int, layout: meta.Layout) -> RemoteTensor:
 
 
 def _find_session(args: Any, kwargs: dict) -> Session | None:
-    found: list[Session] = []
+    """The session of the op's tensors; raises if they live on two devices."""
+    found: Session | None = None
+    for x in args:
+        found = _session_of(x, found)
+    for x in kwargs.values():
+        found = _session_of(x, found)
+    return found
 
-    def visit(x: Any) -> None:
-        if isinstance(x, RemoteTensor):
-            s = x._h.session
-            if not found:
-                found.append(s)
-            elif s is not found[0]:
-                raise RuntimeError(
-                    f"Expected all tensors to be on the same device, but found at least two "
-                    f"devices, {found[0].device} and {s.device}!"
-                )
-        elif type(x) is list or type(x) is tuple:
-            for v in x:
-                visit(v)
-        elif isinstance(x, torch.device) and x.type == "gpupool" and not found:
-            found.append(session_for_device(x))
 
-    visit(args)
-    for v in kwargs.values():
-        visit(v)
-    return found[0] if found else None
+def _session_of(x: Any, found: Session | None) -> Session | None:
+    # Note: a module-level function, not a recursive closure (a closure cycle delays frees).
+    t = type(x)
+    if t is RemoteTensor or isinstance(x, RemoteTensor):
+        s = x._h.session
+        if found is None or s is found:
+            return s
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found at least two "
+            f"devices, {found.device} and {s.device}!"
+        )
+    if t is list or t is tuple:
+        for v in x:
+            found = _session_of(v, found)
+        return found
+    if found is None and isinstance(x, torch.device) and x.type == "gpupool":
+        return session_for_device(x)
+    return found
 
 
 def run_remote(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: Session | None = None) -> Any:
@@ -92,9 +97,9 @@ def run_remote(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: 
             f"{_name(func)}: an explicit torch.Generator cannot drive a gpupool device; "
             "seed with torch.manual_seed instead"
         )
-    route = _routes.get(func, _UNSET)
+    route = _routes.get(id(func), _UNSET)
     if route is _UNSET:
-        route = _routes[func] = _choose_route(func)
+        route = _routes[id(func)] = _choose_route(func)
     if route is not None:
         return route(func, args, kwargs, session)
     p = meta.plan(func, args, kwargs)
@@ -574,10 +579,11 @@ SPECIAL: dict[Any, Callable[[Any, tuple, dict], Any]] = {
     aten.is_pinned.default: _is_pinned,
     aten.record_stream.default: lambda f, a, k: None,
 }
+_SPECIAL_IDS = {id(k): v for k, v in SPECIAL.items()}
 
 
 def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
-    special = SPECIAL.get(func)
+    special = _SPECIAL_IDS.get(id(func))
     if special is not None:
         return special(func, args, kwargs)
     if func in _composite:
@@ -593,12 +599,12 @@ class _CompositeOps:
     """Ops with a CompositeImplicitAutograd kernel, looked up once per op."""
 
     def __init__(self) -> None:
-        self._known: dict[Any, bool] = {}
+        self._known: dict[int, bool] = {}
 
     def __contains__(self, func: Any) -> bool:
-        r = self._known.get(func)
+        r = self._known.get(id(func))
         if r is None:
-            r = self._known[func] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            r = self._known[id(func)] = torch._C._dispatch_has_kernel_for_dispatch_key(
                 func.name(), "CompositeImplicitAutograd"
             )
         return r
@@ -609,7 +615,7 @@ _composite = _CompositeOps()
 
 def fallback(func: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
     """PrivateUse1 fallback: factory ops (`torch.empty(..., device="gpupool")`) land here."""
-    special = SPECIAL.get(func)
+    special = _SPECIAL_IDS.get(id(func))
     if special is not None:
         return special(func, args, kwargs)
     session = _find_session(args, kwargs) or current_session()

@@ -47,19 +47,21 @@ DYNAMIC = Plan((), None)
 _META_DEVICE = torch.device("meta")
 _cache: dict[Any, Plan] = {}
 _stats = {"hits": 0, "misses": 0}
-_scalar_keyed: dict[Any, bool] = {}
+_scalar_keyed: dict[int, bool] = {}
 
 
 def _values_matter(func: torch._ops.OpOverload) -> bool:
     """Whether scalar *values* (not just their types) can change the output metadata."""
-    r = _scalar_keyed.get(func)
+    # Note: op-keyed tables here and in dispatch use id(func): OpOverload.__hash__ is Python
+    # code (~0.7 µs a call); the overloads are module-level singletons, so their ids are stable.
+    r = _scalar_keyed.get(id(func))
     if r is None:
         name = func.__name__
         r = not (
             torch.Tag.pointwise in func.tags
             or name.startswith(("_foreach_", "_fused_"))
         )
-        _scalar_keyed[func] = r
+        _scalar_keyed[id(func)] = r
     return r
 
 
@@ -166,9 +168,29 @@ def rebuild(structure: Any, tensors: Iterator[torch.Tensor]) -> Any:
     return kind(rebuild(p, tensors) for p in parts)
 
 
+def args_signature(args: tuple, values: bool) -> tuple:
+    """`signature(args)` with the common flat cases inline (the per-op hot path)."""
+    out: list[Any] = []
+    for x in args:
+        t = type(x)
+        if t is RemoteTensor:
+            out.append((x.shape, x.stride(), x.storage_offset(), x.dtype, x._bits))
+        elif t is float or t is int or t is bool:
+            out.append((t, x) if values else t)
+        elif x is None:
+            out.append(None)
+        else:
+            out.append(signature(x, values))
+    return tuple(out)
+
+
 def plan(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
     values = _values_matter(func)
-    key: Any = (func, signature(args, values), signature(tuple(kwargs.items()), values))
+    key: Any = (
+        id(func),
+        args_signature(args, values),
+        signature(tuple(kwargs.items()), values) if kwargs else None,
+    )
     try:
         p = _cache.get(key)
     except TypeError:  # an unhashable argument: no caching

@@ -175,6 +175,13 @@ def main() -> None:
     elif threads:
         log.warning("ignoring GPUPOOL_WORKER_THREADS=%r: not a positive number", threads)
     warm_threads()
+    # Note: decoding a batch allocates thousands of small objects; with the default thresholds
+    # the cyclic GC then runs every few hundred ops, re-walking torch's import-time objects.
+    # Freeze those, and collect young objects less often (command objects form no cycles).
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     try:
         msg, fds, _, _ = socket.recv_fds(ctl, 65536, 1)
     except OSError:
