@@ -143,3 +143,44 @@ def test_dropout_reproducible_with_manual_seed(session) -> None:
     b = F.dropout(x, 0.5).cpu()
     assert torch.equal(a, b)
     assert 300 < int((a == 0).sum()) < 700
+
+
+def test_forked_child_cannot_use_the_parents_session(session) -> None:
+    import os
+
+    import gpupool
+
+    x = torch.ones(4).to(session.device)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: must get a clear error, and must not disturb the parent's session
+        try:
+            (x + 1).cpu()
+            msg = b"no error"
+        except gpupool.UnsupportedError as e:
+            msg = b"ok " + str(e).encode()[:200]
+        except BaseException as e:  # noqa: BLE001
+            msg = repr(e).encode()[:200]
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    got = os.read(r, 400).decode()
+    assert got.startswith("ok ") and "spawn" in got, got
+    assert (x + 1).sum().item() == 8.0  # the parent's session is intact
+
+
+def test_share_exceeded_is_a_torch_out_of_memory_error(server) -> None:
+    from tests.conftest import run_python
+
+    code = f"""
+    import torch, gpupool
+    import subprocess
+    s = gpupool.connect({server.address!r}, token={server.token!r})
+    try:
+        torch.empty(10**13, dtype=torch.uint8, device=s.device).sum().item()
+    except torch.OutOfMemoryError as e:
+        print("caught", isinstance(e, gpupool.ShareExceeded))
+    """
+    r = run_python(code)
+    assert r.stdout.strip() == "caught True", r.stdout + r.stderr

@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 import msgspec
+import torch
 
 from gpupool.errors import (
     AuthError,
@@ -28,12 +29,25 @@ from gpupool.errors import (
     ServerLost,
     SessionClosed,
     ShareExceeded,
+    UnsupportedError,
     VersionMismatch,
 )
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter
 from gpupool.protocol.version import PROTOCOL_VERSION
 from gpupool.torchcodec import DTYPES
+
+FORK_MESSAGE = (
+    "this process was forked from one holding a gpupool session; a forked child cannot use the "
+    "parent's session (like CUDA): start workers with the 'spawn' method (e.g. "
+    "DataLoader(multiprocessing_context='spawn')) or keep device work in the parent"
+)
+
+
+class OutOfShare(ShareExceeded, torch.OutOfMemoryError):
+    """`ShareExceeded` that is also a `torch.OutOfMemoryError`, as a CUDA OOM would be, so
+    `except torch.cuda.OutOfMemoryError` in training code (batch-size finders) catches it."""
+
 
 #: Send without waiting once this many commands are queued.
 MAX_PENDING = 512
@@ -139,6 +153,7 @@ class Connection:
         self._seq = itertools.count(1)
         self._where: dict[int, tuple[str, tuple[str, int] | None]] = {}
         self.closed = False
+        self._pid = os.getpid()
         self.lost: str | None = None
         self._encoder: msgspec.msgpack.Encoder | None = None
 
@@ -151,6 +166,8 @@ class Connection:
         return next(self._handles)
 
     def _check_open(self) -> None:
+        if self._pid != os.getpid():
+            raise UnsupportedError(FORK_MESSAGE)
         if self.closed:
             raise SessionClosed("this gpupool session is closed; its tensors are gone")
         if self.lost is not None:
@@ -240,7 +257,7 @@ class Connection:
                     if reply.code == "protocol":
                         raise ProtocolError(self.lost)
                     if reply.code == "oom":
-                        raise ShareExceeded(self.lost)
+                        raise OutOfShare(self.lost)
                     if reply.code == "lease":
                         raise LeaseExpired(self.lost)
                     raise ServerLost(self.lost)
@@ -270,7 +287,7 @@ class Connection:
         text = f"{op} failed on the gpupool server: {err.message}"
         if loc:
             text += f"\n  issued at {loc}"
-        cls = ShareExceeded if err.kind == "oom" else RemoteOpError
+        cls = OutOfShare if err.kind == "oom" else RemoteOpError
         return cls(text, op=op, location=loc)
 
     def sync(self) -> m.Synced:
@@ -281,7 +298,9 @@ class Connection:
             if self.closed:
                 return
             try:
-                if self.lost is None:
+                # Note: a forked child holds a copy of the parent's socket: it must never write
+                # to it; closing its own descriptor leaves the parent's session intact.
+                if self.lost is None and self._pid == os.getpid():
                     self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Bye())))
                     self._flush_locked()
             except ServerLost:

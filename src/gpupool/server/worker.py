@@ -194,7 +194,15 @@ def main() -> None:
         info = json.loads(msg)
     except ValueError:
         os._exit(1)
-    run_session(conn, info)
+    profile_dir = os.environ.get("GPUPOOL_PROFILE_DIR")
+    if profile_dir:  # development aid: cProfile each session into PROFILE_DIR/<session>.prof
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.runcall(run_session, conn, info)
+        prof.dump_stats(os.path.join(profile_dir, f"{info.get('session', 'session')}.prof"))
+    else:
+        run_session(conn, info)
     # Note: os._exit skips interpreter teardown (slow with torch loaded, and pointless: the OS
     # frees the process's memory and descriptors at once).
     os._exit(0)
