@@ -514,7 +514,6 @@ attempts = {
     "CUDAGraph": lambda: torch.cuda.CUDAGraph(),
     "graph": lambda: torch.cuda.graph(None),
     "make_graphed_callables": lambda: torch.cuda.make_graphed_callables(torch.nn.Linear(1, 1), (torch.ones(1),)),
-    "get_rng_state": lambda: torch.cuda.get_rng_state(),
     "nccl": lambda: torch.distributed.init_process_group(
         backend="nccl", init_method="tcp://127.0.0.1:9", rank=0, world_size=1),
     "nccl-positional": lambda: torch.distributed.init_process_group("nccl"),
@@ -577,9 +576,48 @@ def amp_run(server) -> SectionRun:
     return run_sections(server, {"AUTOCAST": AUTOCAST, "GRADSCALER": GRADSCALER, "POLICY": POLICY})
 
 
+RNG = """
+import torch
+import torch.utils.checkpoint as cp
+# The device generator's state moves between client and server like a CUDA generator's.
+torch.manual_seed(3)
+state = torch.cuda.get_rng_state()
+assert state.dtype == torch.uint8 and state.device.type == "cpu" and state.numel() > 0
+a = torch.rand(5, device="cuda").cpu()
+torch.cuda.set_rng_state(state)
+b = torch.rand(5, device="cuda").cpu()
+assert torch.equal(a, b), (a, b)
+with torch.random.fork_rng(device_type="cuda"):
+    torch.rand(100, device="cuda")
+c = torch.rand(5, device="cuda").cpu()
+torch.cuda.set_rng_state(state)
+torch.rand(5, device="cuda")
+assert torch.equal(c, torch.rand(5, device="cuda").cpu())  # fork_rng restored the state
+# Dropout inside a checkpointed block draws the same mask when recomputed in backward.
+w = torch.randn(64, 64, device="cuda", requires_grad=True)
+x = torch.randn(8, 64, device="cuda", requires_grad=True)
+def block(t):
+    return torch.nn.functional.dropout(t @ w, 0.5, training=True)
+for reentrant in (False, True):
+    torch.manual_seed(11)
+    w.grad = None
+    block(x).pow(2).sum().backward()
+    plain = w.grad.cpu()
+    torch.manual_seed(11)
+    w.grad = None
+    cp.checkpoint(block, x, use_reentrant=reentrant, preserve_rng_state=True).pow(2).sum().backward()
+    torch.testing.assert_close(w.grad.cpu(), plain, rtol=0, atol=0)
+print("RNG OK")
+"""
+
+
 @pytest.fixture(scope="module")
 def limits_run(server) -> SectionRun:
-    return run_sections(server, {"COMPILE": COMPILE, "UNSUPPORTED": UNSUPPORTED})
+    return run_sections(server, {"COMPILE": COMPILE, "UNSUPPORTED": UNSUPPORTED, "RNG": RNG})
+
+
+def test_device_rng_state_roundtrips_and_checkpoint_preserves_it(limits_run: SectionRun) -> None:
+    limits_run.check("RNG")
 
 
 # ---- 2. redirection ----------------------------------------------------------------------------------
@@ -637,5 +675,5 @@ def test_torch_compile_runs_eagerly_with_one_notice(limits_run: SectionRun) -> N
 
 def test_what_cannot_work_fails_with_unsupported_error_not_a_crash(limits_run: SectionRun) -> None:
     out = limits_run.check("UNSUPPORTED")
-    assert out.count("UNSUPPORTED ") == 11, out
+    assert out.count("UNSUPPORTED ") == 10, out
     assert limits_run.proc.returncode == 0, limits_run.proc.stderr

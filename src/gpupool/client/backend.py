@@ -16,8 +16,31 @@ _lock = threading.Lock()
 _lib: Any = None
 
 
+class _DeviceContext:
+    """`torch.gpupool.device(i)`: make gpupool:i the current device for a block."""
+
+    def __init__(self, device: Any) -> None:
+        self.index = device if isinstance(device, int) else (_as_device(device).index or 0)
+        self.previous = 0
+
+    def __enter__(self) -> None:
+        from gpupool.client.session import current_index, set_current
+
+        self.previous = current_index()
+        set_current(self.index)
+
+    def __exit__(self, *exc: Any) -> None:
+        from gpupool.client.session import set_current
+
+        set_current(self.previous)
+
+
 class DeviceModule:
     """`torch.gpupool`: what PyTorch asks of a device backend, answered for the pooled GPU."""
+
+    # Checkpointing saves the device's RNG state only when this says the device was used.
+    _initialized = True
+    device = _DeviceContext
 
     # The dtypes torch.autocast may use on this device.
     def get_amp_supported_dtype(self) -> list[torch.dtype]:
@@ -68,6 +91,32 @@ class DeviceModule:
         import random
 
         self.manual_seed(random.getrandbits(63))
+
+    # The device generator lives on the server (one per session); checkpointing and
+    # torch.random.fork_rng save and restore it through these.
+    def get_rng_state(self, device: Any = None) -> torch.Tensor:
+        return self._session(device).get_rng_state()
+
+    def set_rng_state(self, new_state: torch.Tensor, device: Any = None) -> None:
+        self._session(device).set_rng_state(new_state)
+
+    def get_rng_state_all(self) -> list[torch.Tensor]:
+        from gpupool.client.session import sessions
+
+        return [s.get_rng_state() for s in sorted(sessions(), key=lambda s: s.index)]
+
+    def set_rng_state_all(self, new_states: Any) -> None:
+        from gpupool.client.session import sessions
+
+        for s, state in zip(sorted(sessions(), key=lambda s: s.index), new_states):
+            s.set_rng_state(state)
+
+    def _session(self, device: Any) -> Any:
+        from gpupool.client.session import current_session, session_for_device
+
+        if device is None or device == "gpupool" or (isinstance(device, torch.device) and device.index is None):
+            return current_session()
+        return session_for_device(_as_device(device))
 
     def memory_allocated(self, device: Any = None) -> int:
         return self._stats(device).memory_used

@@ -256,12 +256,35 @@ def initial_seed() -> int:
     return redirect._pending_seed if redirect._pending_seed is not None else 67280421310721
 
 
-def _rng_state_unsupported(*args: Any, **kwargs: Any) -> Any:
-    raise _unsupported(
-        "reading or setting the CUDA RNG state",
-        "the generator lives on the server and the protocol cannot move its state yet; "
-        "seed with torch.manual_seed(...) instead",
-    )
+def _rng_index(device: Any) -> int:
+    if device is None or device == "cuda":
+        return redirect.pooled_device().index or 0
+    if isinstance(device, int):
+        return device
+    return torch.device(device).index or 0
+
+
+def _get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    """The pooled GPU's generator state (it lives on the server, one per session)."""
+    idx = _rng_index(device)
+    redirect.ensure_session(idx)
+    return torch.get_device_module("gpupool").get_rng_state(idx)
+
+
+def _set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    idx = _rng_index(device)
+    redirect.ensure_session(idx)
+    torch.get_device_module("gpupool").set_rng_state(new_state, idx)
+
+
+def _get_rng_state_all() -> list[torch.Tensor]:
+    redirect.ensure_session()
+    return torch.get_device_module("gpupool").get_rng_state_all()  # type: ignore[no-any-return]
+
+
+def _set_rng_state_all(new_states: Any) -> None:
+    redirect.ensure_session()
+    torch.get_device_module("gpupool").set_rng_state_all(new_states)
 
 
 def is_current_stream_capturing() -> bool:
@@ -640,10 +663,10 @@ def install() -> None:
         "seed": seed,
         "seed_all": seed,
         "initial_seed": initial_seed,
-        "get_rng_state": _rng_state_unsupported,
-        "set_rng_state": _rng_state_unsupported,
-        "get_rng_state_all": _rng_state_unsupported,
-        "set_rng_state_all": _rng_state_unsupported,
+        "get_rng_state": _get_rng_state,
+        "set_rng_state": _set_rng_state,
+        "get_rng_state_all": _get_rng_state_all,
+        "set_rng_state_all": _set_rng_state_all,
         "is_current_stream_capturing": is_current_stream_capturing,
         "current_stream": current_stream,
         "default_stream": default_stream,

@@ -60,6 +60,15 @@ class Session:
     def manual_seed(self, seed: int) -> None:
         self.conn.command(m.Seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF))
 
+    def get_rng_state(self) -> torch.Tensor:
+        """The server generator's state, as a CPU uint8 tensor (like torch.cuda.get_rng_state)."""
+        reply = self.conn.request(m.GetRngState())
+        return torch.frombuffer(bytearray(reply.value), dtype=torch.uint8)
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        data = state.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        self.conn.command(m.SetRngState(data))
+
     def close(self) -> None:
         self.conn.close()
         with _lock:

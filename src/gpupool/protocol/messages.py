@@ -131,11 +131,25 @@ class Stats(msgspec.Struct, tag="stats", array_like=True, frozen=True):
     """Answer `Synced` with memory use; a sync point like `Sync`."""
 
 
+#: Largest generator state accepted (a CPU generator's is about 5 KB, a CUDA one's 16 bytes).
+MAX_RNG_STATE = 64 * 1024
+
+
+class GetRngState(msgspec.Struct, tag="getrng", array_like=True, frozen=True):
+    """Answer `Value` with the session generator's state as bytes (a sync point)."""
+
+
+class SetRngState(msgspec.Struct, tag="setrng", array_like=True, frozen=True):
+    """Restore the session generator's state (as `torch.Generator.set_state`)."""
+
+    state: bytes
+
+
 class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):
     """Clean end of the session."""
 
 
-Command = Op | Upload | Free | Seed | Fetch | Item | Sync | Stats | Bye
+Command = Op | Upload | Free | Seed | Fetch | Item | Sync | Stats | GetRngState | SetRngState | Bye
 
 
 class Batch(msgspec.Struct, tag="batch", frozen=True):

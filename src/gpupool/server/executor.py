@@ -697,9 +697,27 @@ class Executor:
                     torch.cuda.manual_seed(cmd.seed)
             except (RuntimeError, ValueError, OverflowError) as e:
                 self._record(-1, "manual_seed", e)
+        elif t is m.GetRngState:
+            err = self._take_error()
+            value = None if err is not None else bytes(self._generator().get_state().numpy())
+            writer.send(self.encoder.encode(m.Value(error=err, value=value)))
+        elif t is m.SetRngState:
+            assert isinstance(cmd, m.SetRngState)
+            try:
+                if len(cmd.state) > m.MAX_RNG_STATE:
+                    raise OpFailed("protocol", "generator state too large")
+                self._generator().set_state(torch.frombuffer(bytearray(cmd.state), dtype=torch.uint8))
+            except (OpFailed, RuntimeError, ValueError) as e:
+                self._record(-1, "set_rng_state", e)
         elif t is m.Bye:
             return True
         return False
+
+    def _generator(self) -> torch.Generator:
+        """The session's device generator: what random ops without `generator=` draw from."""
+        if self.is_cuda:
+            return torch.cuda.default_generators[self.device.index or 0]
+        return torch.random.default_generator
 
 
 #: Largest slice a strided or device tensor is gathered into on its way to the client.
