@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,3 +185,17 @@ def test_share_exceeded_is_a_torch_out_of_memory_error(server) -> None:
     """
     r = run_python(code)
     assert r.stdout.strip() == "caught True", r.stdout + r.stderr
+
+
+def test_bad_generator_state_is_a_clear_error_and_the_session_goes_on(session) -> None:
+    import gpupool
+
+    good = session.get_rng_state()
+    session.set_rng_state(torch.zeros(7, dtype=torch.uint8))  # not a generator state
+    with pytest.raises(gpupool.RemoteOpError) as ei:
+        session.synchronize()
+    assert "set_rng_state" in str(ei.value)
+    session.set_rng_state(good)
+    a = torch.rand(3, device=session.device).cpu()
+    session.set_rng_state(good)
+    assert torch.equal(torch.rand(3, device=session.device).cpu(), a)
