@@ -33,6 +33,8 @@ _HEAD = struct.Struct("<2sHI")
 _LEN = struct.Struct("<Q")
 HEADER_SIZE = _HEAD.size
 RECV_SLICE = 256 * 1024
+#: Bytes a reader may take from the socket ahead of need (see Note [Read-ahead]).
+READAHEAD = 64 * 1024
 #: Writes smaller than this are coalesced with the frame header into one `sendall`.
 COALESCE = 64 * 1024
 #: The most the header format can express.
@@ -120,21 +122,73 @@ class FrameReader:
     the peer dribbles its bytes: this is what stops a slow handshake from holding a thread.
     """
 
-    def __init__(self, sock: socket.socket, limits: Limits | None = None, deadline: float | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        limits: Limits | None = None,
+        deadline: float | None = None,
+        readahead: int = READAHEAD,
+    ) -> None:
         self._sock = sock
         self.limits = limits or Limits()
         self.deadline = deadline
         self._pending: list[int] = []
-        self._small = bytearray(_HEAD.size)
+        # Note [Read-ahead]: small reads (a header, a message) take whatever the socket has, up
+        # to `readahead` bytes, so a small frame costs one recv instead of two or three. Bytes
+        # read ahead belong to this reader: a socket handed to another reader mid-stream must
+        # use readahead=0 before the hand-off (the listener's handshake does).
+        self._ahead = bytearray(max(readahead, _HEAD.size))
+        self._ahead_view = memoryview(self._ahead)
+        self._can_read_ahead = readahead > 0
+        self._start = 0
+        self._end = 0
 
     @property
     def pending_buffers(self) -> list[int]:
         """Sizes of the buffers of the current frame not yet consumed."""
         return list(self._pending)
 
+    def _recv_some_into(self, view: memoryview) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise ServerLost("timed out waiting for the peer")
+            self._sock.settimeout(left)
+        try:
+            k = self._sock.recv_into(view, view.nbytes)
+        except TimeoutError as e:
+            raise ServerLost("timed out waiting for the peer") from e
+        except OSError as e:
+            raise ServerLost(f"connection lost while receiving: {e}") from e
+        if k == 0:
+            raise ServerLost("peer closed the connection")
+        return k
+
+    def _take(self, n: int) -> memoryview:
+        """The next `n` bytes (n <= the read-ahead size), received with as few recvs as can be."""
+        if self._end - self._start < n:
+            if not self._can_read_ahead:
+                out = memoryview(bytearray(n))
+                self._recv_exact_into(out)
+                return out
+            have = self._end - self._start
+            if self._start:
+                self._ahead[:have] = self._ahead[self._start:self._end]
+                self._start, self._end = 0, have
+            while self._end < n:
+                self._end += self._recv_some_into(self._ahead_view[self._end:])
+        out = self._ahead_view[self._start:self._start + n]
+        self._start += n
+        return out
+
     def _recv_exact_into(self, view: memoryview) -> None:
         got = 0
         n = view.nbytes
+        have = self._end - self._start
+        if have:
+            got = min(have, n)
+            view[:got] = self._ahead_view[self._start:self._start + got]
+            self._start += got
         while got < n:
             end = min(n, got + RECV_SLICE)
             if self.deadline is not None:
@@ -160,9 +214,7 @@ class FrameReader:
         anything of that size is allocated).
         """
         self.skip_pending()
-        head = memoryview(self._small)
-        self._recv_exact_into(head)
-        magic, nbufs, msglen = _HEAD.unpack(self._small)
+        magic, nbufs, msglen = _HEAD.unpack(self._take(_HEAD.size))
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {bytes(magic)!r}: not a gpupool peer")
         if msglen > self.limits.max_message:
@@ -173,8 +225,11 @@ class FrameReader:
             raise ProtocolError(f"{nbufs} buffers in one frame, over the limit of {self.limits.max_buffers}")
         sizes: list[int] = []
         if nbufs:
-            raw = bytearray(8 * nbufs)
-            self._recv_exact_into(memoryview(raw))
+            if 8 * nbufs <= len(self._ahead):
+                raw: bytes | bytearray = bytes(self._take(8 * nbufs))
+            else:
+                raw = bytearray(8 * nbufs)
+                self._recv_exact_into(memoryview(raw))
             total = 0
             for (n,) in _LEN.iter_unpack(raw):
                 total += n
@@ -183,8 +238,11 @@ class FrameReader:
                 raise ProtocolError(
                     f"frame announces {total} buffer bytes, over the limit of {self.limits.max_buffer_bytes}"
                 )
-        msg = bytearray(msglen)
-        self._recv_exact_into(memoryview(msg))
+        if msglen <= len(self._ahead):
+            msg = bytearray(self._take(msglen))
+        else:
+            msg = bytearray(msglen)
+            self._recv_exact_into(memoryview(msg))
         self._pending = list(sizes)  # Note: a copy; the caller may keep the returned list
         return msg, sizes
 

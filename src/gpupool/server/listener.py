@@ -297,7 +297,8 @@ class Server:
     def _admit(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.config.handshake_timeout
-        reader = FrameReader(conn, Limits(max_message=64 * 1024, max_buffers=0, max_buffer_bytes=0), deadline=deadline)
+        # Note: no read-ahead: the connection goes to a worker, whose reader starts afresh.
+        reader = FrameReader(conn, Limits(max_message=64 * 1024, max_buffers=0, max_buffer_bytes=0), deadline=deadline, readahead=0)
         try:
             raw, _ = reader.read_message()
             hello = m.decode(m.hello_decoder, raw, "handshake")
