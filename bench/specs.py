@@ -119,11 +119,13 @@ SPECS: list[Spec] = [
         gpu_target=2.0, rep_scale=5,
     ),
     Spec(
-        "lease_grant", "ms", "lower", 5.0, None,
+        "lease_grant", "ms", "lower", 5.0, "lease",
         "request + release of a `-p 0.25` lease, 1,000 GPUs registered, 20 clients: p50",
         "`GET` of the controller's health endpoint, same clients",
-        note="after the controller issue: no controller app to start yet",
-        gpu_target=5.0,
+        cfg={"gpus": 1000, "clients": 20, "per_client": 10},
+        quick={"per_client": 5},
+        tiny={"gpus": 16, "clients": 2, "per_client": 2},
+        gpu_target=5.0, timeout=300,
     ),
     # ---- on a real GPU only (`--gpu`), unless named with --only --------------------------------
     Spec(

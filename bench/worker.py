@@ -25,9 +25,10 @@ from bench.common import send_reply
 
 
 def _families() -> dict[str, Callable[..., Any]]:
-    from bench import ops, training, transfer
+    from bench import lease, ops, training, transfer
 
     return {
+        "lease": lease.setup,
         "train": training.setup,
         "op_add": ops.setup_op_add,
         "rtt": ops.setup_rtt,

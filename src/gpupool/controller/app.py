@@ -317,6 +317,10 @@ class PublicKeyOut(BaseModel):
     key_id: str
 
 
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
 class StatusOut(BaseModel):
     healthy: bool
     version: str
@@ -765,6 +769,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.controller = controller
     app.include_router(router)
     app.add_middleware(_BodyLimit)
+
+    @app.get("/healthz", response_model=HealthOut, tags=["status"])
+    async def healthz() -> HealthOut:
+        """Liveness for load balancers and probes: no token, no database."""
+        return HealthOut(status="ok")
 
     @app.exception_handler(ControllerError)
     async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:

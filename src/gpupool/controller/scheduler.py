@@ -22,6 +22,7 @@ memory. The property tests in tests/test_scheduler.py check this over random gra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -178,8 +179,15 @@ def need_bytes(share: Share, gpu: GpuView) -> int:
     if share.kind == "whole":
         return gpu.memory_bytes
     if share.kind == "fraction":
-        return max(1, int(Fraction(share.fraction) * gpu.memory_bytes))
+        return _fraction_bytes(share.fraction, gpu.memory_bytes)
     return share.bytes
+
+
+@functools.lru_cache(maxsize=4096)
+def _fraction_bytes(fraction: float, memory_bytes: int) -> int:
+    # Cached: placement asks this for every GPU of the pool, and exact Fraction arithmetic is
+    # ~2 µs a call; a pool has few distinct (share, GPU size) pairs.
+    return max(1, int(Fraction(fraction) * memory_bytes))
 
 
 def gpu_fits(share: Share, gpu: GpuView) -> bool:
@@ -413,15 +421,36 @@ def schedule_queue(snap: Snapshot, items: Iterable[QueueItem], usage: Mapping[st
     """
     usage = dict(usage)
     decisions: list[Grant | Reject] = []
-    empty = emptied(snap)
+    # Note: the emptied pool (for "can this ever fit?") is the same after any grant, and costs a
+    # copy of every GPU: it is built only when a request needs it.
+    empty_pool: list[Snapshot] = []
+
+    def empty() -> Snapshot:
+        if not empty_pool:
+            empty_pool.append(emptied(snap))
+        return empty_pool[0]
+
     for it in queue_order(items):
         req = it.request
-        if place(req, empty) is None:
-            decisions.append(Reject(it.id, explain(req, empty), "unsatisfiable"))
-            continue
         quota = quotas.get(it.user)
+        if quota is None:
+            # Fast path: a request that fits the pool as it is now also fits it emptied.
+            placement = place(req, snap)
+            if placement is None:
+                if place(req, empty()) is None:
+                    decisions.append(Reject(it.id, explain(req, empty()), "unsatisfiable"))
+                    continue
+                break
+            worth = placement_worth(placement, snap)
+            decisions.append(Grant(it.id, placement, worth))
+            snap = apply(snap, placement)
+            usage[it.user] = usage.get(it.user, Fraction(0)) + worth
+            continue
+        if place(req, empty()) is None:
+            decisions.append(Reject(it.id, explain(req, empty()), "unsatisfiable"))
+            continue
         if quota is not None:
-            floor = least_worth(req, empty) or Fraction(0)
+            floor = least_worth(req, empty()) or Fraction(0)
             if floor > quota:
                 decisions.append(Reject(
                     it.id, f"the request needs at least {float(floor):g} GPUs' worth of memory, "

@@ -692,11 +692,18 @@ class Store:
     def _snapshot(self, s: Session, now: float) -> sched.Snapshot:
         alloc = self._allocations(s, now)
         by_server: dict[str, list[sched.GpuView]] = {}
-        for g in s.scalars(select(GpuRow).where(GpuRow.present).order_by(GpuRow.server_id, GpuRow.index)):
-            b, e, n = alloc.get(g.id, (0, False, 0))
-            by_server.setdefault(g.server_id, []).append(sched.GpuView(
-                g.id, g.index, g.memory_bytes, model=g.model, kind=g.kind, uuid=g.uuid,
-                labels=dict(g.labels or {}), allocated_bytes=b, exclusive=e, leases=n))
+        # Note: plain rows, not ORM objects: a snapshot reads every GPU of the pool on every
+        # request, and building ORM instances was most of a grant's cost with 1,000 GPUs.
+        rows = s.execute(
+            select(GpuRow.id, GpuRow.server_id, GpuRow.index, GpuRow.memory_bytes, GpuRow.model,
+                   GpuRow.kind, GpuRow.uuid, GpuRow.labels)
+            .where(GpuRow.present).order_by(GpuRow.server_id, GpuRow.index)
+        )
+        for gid, server_id, index, memory, model, kind, uid, labels in rows:
+            b, e, n = alloc.get(gid, (0, False, 0))
+            by_server.setdefault(server_id, []).append(sched.GpuView(
+                gid, index, memory, model=model, kind=kind, uuid=uid,
+                labels=dict(labels or {}), allocated_bytes=b, exclusive=e, leases=n))
         servers = []
         for srv in s.scalars(select(ServerRow).order_by(ServerRow.id)):
             gpus = by_server.get(srv.id, [])
@@ -705,16 +712,19 @@ class Store:
                                             draining=srv.draining, labels=dict(srv.labels or {})))
         return sched.Snapshot(tuple(servers))
 
-    def _schedule(self, s: Session, now: float) -> list[str]:
+    def _schedule(self, s: Session, now: float, snap: sched.Snapshot | None = None) -> list[str]:
         """Serve the queue on the current pool; returns the ids of the entries granted.
 
-        Must run inside a write transaction (Note [Write serialization]).
+        Must run inside a write transaction (Note [Write serialization]). `snap`: a snapshot
+        taken in this transaction at this `now`, after `_expire`, with no grant or release since.
         """
-        self._expire(s, now)
+        if snap is None:
+            self._expire(s, now)
         waiting = list(s.scalars(select(QueueRow).where(QueueRow.state == "waiting")))
         if not waiting:
             return []
-        snap = self._snapshot(s, now)
+        if snap is None:
+            snap = self._snapshot(s, now)
         items = [sched.QueueItem(q.id, q.user, request_from_json(q.request), q.priority, q.seq) for q in waiting]
         quotas: dict[str, Fraction | None] = {}
         for u in {q.user for q in waiting}:
@@ -775,11 +785,11 @@ class Store:
         with self._write() as s:
             self._expire(s, now)
             snap = self._snapshot(s, now)
-            empty = sched.emptied(snap)
-            if sched.place(req, empty) is None:
-                raise NoCapacity(f"no capacity: {sched.explain(req, empty)}", "unsatisfiable", 409)
             user = self._ensure_user(s, caller.user, now)
             if user.quota_gpus is not None:
+                empty = sched.emptied(snap)
+                if sched.place(req, empty) is None:
+                    raise NoCapacity(f"no capacity: {sched.explain(req, empty)}", "unsatisfiable", 409)
                 floor = sched.least_worth(req, empty) or Fraction(0)
                 if floor > Fraction(user.quota_gpus):
                     raise QuotaExceeded(f"the request needs at least {float(floor):g} GPUs' worth of memory, but "
@@ -788,7 +798,13 @@ class Store:
                          ttl_s=ttl_s, created_at=now, deadline=now + wait_s, state="waiting", code="", reason="")
             s.add(q)
             s.flush()
-            self._schedule(s, now)
+            self._schedule(s, now, snap)
+            if q.state != "granted":
+                # Note: checked only when not granted at once (a grant proves it satisfiable);
+                # raising here rolls the queue entry back with the transaction.
+                empty = sched.emptied(snap)
+                if sched.place(req, empty) is None:
+                    raise NoCapacity(f"no capacity: {sched.explain(req, empty)}", "unsatisfiable", 409)
             if q.state == "waiting" and wait_s <= 0:
                 q.state = "refused"
                 q.code, q.reason = self._why_waiting(s, q, req, now)
@@ -945,6 +961,12 @@ def _sqlite_transactions(engine: Engine, begin: str) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
+        # Note: in WAL mode NORMAL syncs at checkpoints, not at every commit (~30 ms each on
+        # these disks, and every grant and release is a commit). A crash of the controller loses
+        # nothing; a power loss may lose the last commits — leases the clients then renew or
+        # the servers' heartbeats report again. GPUPOOL_SQLITE_SYNC=FULL restores per-commit syncs.
+        sync = os.environ.get("GPUPOOL_SQLITE_SYNC", "NORMAL").upper()
+        cur.execute(f"PRAGMA synchronous={'FULL' if sync == 'FULL' else 'NORMAL'}")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
