@@ -49,8 +49,9 @@ def _setup_device(info: dict[str, Any]) -> tuple[Any, int]:
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), dev)
         return dev, limit
-    from gpupool.server.memory import cap_process_data
+    from gpupool.server.memory import cap_process_data, keep_freed_memory
 
+    keep_freed_memory(limit)
     cap = cap_process_data(limit)
     log.info("session %s: data segment capped at %s bytes", info.get("session"), cap)
     return torch.device("cpu"), limit
