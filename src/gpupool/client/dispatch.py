@@ -560,7 +560,11 @@ def _copy_(func: Any, args: tuple, kwargs: dict) -> Any:
 
 
 def _local_scalar_dense(func: Any, args: tuple, kwargs: dict) -> Any:
-    x = args[0]
+    return item(args[0])
+
+
+def item(x: RemoteTensor) -> Any:
+    """The value of a one-element device tensor: one round trip (a sync point)."""
     reply = x._h.session.conn.request(m.Item(x._h.id))
     v = reply.value
     if isinstance(v, list) and len(v) == 2 and x.dtype.is_complex:
