@@ -534,3 +534,23 @@ def test_op_names(name: str, reason: str | None) -> None:
 
 def test_denied_ops_are_all_aten() -> None:
     assert all(n.startswith("aten::") for n in DENIED)
+
+
+def test_read_ahead_keeps_frames_apart_and_never_writes_to_empty_views(pair) -> None:
+    """Two frames in one write: the reader takes both in one recv (read-ahead), and a zero-byte
+    buffer may be read into a read-only empty view (an empty tensor's bytes) while bytes of the
+    next frame are already buffered."""
+    a, b = pair
+    first = _frame_bytes(b"\x91\x01", [b"", b"abc"])
+    second = _frame_bytes(b"\x91\x02", [b"xyz"])
+    a.sendall(first + second)
+    r = FrameReader(b)
+    raw, sizes = r.read_message()
+    assert bytes(raw) == b"\x91\x01" and sizes == [0, 3]
+    r.read_buffer_into(memoryview(b""))  # read-only and empty: must not be assigned to
+    out = bytearray(3)
+    r.read_buffer_into(memoryview(out))
+    assert bytes(out) == b"abc"
+    raw, sizes = r.read_message()
+    assert bytes(raw) == b"\x91\x02" and sizes == [3]
+    assert bytes(r.read_buffer()) == b"xyz"

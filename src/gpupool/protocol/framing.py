@@ -185,26 +185,12 @@ class FrameReader:
         got = 0
         n = view.nbytes
         have = self._end - self._start
-        if have:
+        if have and n:  # Note: n == 0 may come with a read-only view (b""): never assign to it
             got = min(have, n)
             view[:got] = self._ahead_view[self._start:self._start + got]
             self._start += got
         while got < n:
-            end = min(n, got + RECV_SLICE)
-            if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise ServerLost("timed out waiting for the peer")
-                self._sock.settimeout(left)
-            try:
-                k = self._sock.recv_into(view[got:end], end - got)
-            except TimeoutError as e:
-                raise ServerLost("timed out waiting for the peer") from e
-            except OSError as e:
-                raise ServerLost(f"connection lost while receiving: {e}") from e
-            if k == 0:
-                raise ServerLost("peer closed the connection")
-            got += k
+            got += self._recv_some_into(view[got:min(n, got + RECV_SLICE)])
 
     def read_message(self) -> tuple[bytearray, list[int]]:
         """Read one frame's header and message; returns the message and its buffer sizes.

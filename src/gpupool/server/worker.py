@@ -68,8 +68,12 @@ def _end(writer: Any, code: str, message: str) -> None:
         pass
 
 
-class LeaseEnded(Exception):
-    """Raised in the worker by SIGUSR1: the listener saw the session's lease end."""
+class LeaseEnded(BaseException):
+    """Raised in the worker by SIGUSR1: the listener saw the session's lease end.
+
+    Note: a BaseException, so that the executor's `except Exception` around each op (which
+    defers op errors to the next sync) does not swallow it: the session must end.
+    """
 
 
 def _lease_ended(signum: int, frame: Any) -> None:
