@@ -18,6 +18,8 @@ import socket
 import sys
 from typing import Any
 
+from gpupool.protocol.framing import FrameWriter
+
 log = logging.getLogger("gpupool.worker")
 
 #: TCP keepalive for session sockets: a client host that vanished without closing its
@@ -80,17 +82,32 @@ def _lease_ended(signum: int, frame: Any) -> None:
     raise LeaseEnded()
 
 
+class WholeFrameWriter(FrameWriter):
+    """Sends each frame whole: SIGUSR1 (lease ended) waits until the frame is out.
+
+    Note: the lease-ended handler raises, and a frame cut half-way would leave the client
+    reading garbage instead of the Refused frame that says why the session ended.
+    """
+
+    def send(self, message: bytes, buffers: Any = ()) -> None:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:
+            super().send(message, buffers)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def run_session(conn: socket.socket, info: dict[str, Any]) -> None:
     """Serve one session on `conn` until it ends; never raises."""
     import torch
 
     from gpupool.errors import ProtocolError, ServerLost
     from gpupool.protocol import messages as m
-    from gpupool.protocol.framing import FrameReader, FrameWriter, Limits
+    from gpupool.protocol.framing import FrameReader, Limits
     from gpupool.protocol.version import PROTOCOL_VERSION
     from gpupool.server.executor import Executor
 
-    writer = FrameWriter(conn)
+    writer = WholeFrameWriter(conn)
     try:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_keepalive(conn)
