@@ -199,3 +199,20 @@ def test_bad_generator_state_is_a_clear_error_and_the_session_goes_on(session) -
     a = torch.rand(3, device=session.device).cpu()
     session.set_rng_state(good)
     assert torch.equal(torch.rand(3, device=session.device).cpu(), a)
+
+
+def test_lstm_and_gru_train_on_the_device(session) -> None:
+    """PyTorch takes CUDA's fused-cell path for the device; it must work on any server, forward
+    and backward, and agree with the CPU to rounding."""
+    for cls in (nn.LSTM, nn.GRU):
+        torch.manual_seed(0)
+        cpu = cls(8, 16, num_layers=2, batch_first=True)
+        dev = copy.deepcopy(cpu).to(session.device)
+        x = torch.randn(3, 5, 8)
+        out_c, _ = cpu(x)
+        out_d, _ = dev(x.to(session.device))
+        torch.testing.assert_close(out_d.cpu(), out_c, rtol=1e-5, atol=1e-6)
+        out_c.pow(2).sum().backward()
+        out_d.pow(2).sum().backward()
+        for (name, pc), pd in zip(cpu.named_parameters(), dev.parameters()):
+            torch.testing.assert_close(pd.grad.cpu(), pc.grad, rtol=1e-4, atol=1e-6, msg=name)

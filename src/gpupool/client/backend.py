@@ -158,9 +158,10 @@ def install() -> None:
         prefer_cpp_meta_kernels()
         _behave_like_cuda()
         _backward_on_this_thread()
-        from gpupool.client import functions, serialization
+        from gpupool.client import functions, rnn, serialization
 
         functions.install()
+        rnn.install()
         serialization.install()
         _installed = True
 
