@@ -11,40 +11,39 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.common import LineProc
 from bench.side import Measure, Side
 
 TOKEN = "gpt_bench-admin-token-0123456789abcdef"
 
 
-def _start_controller(folder: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
+def _start_controller(folder: str) -> tuple[LineProc, str]:
+    proc = LineProc(
         [sys.executable, "-m", "gpupool.controller", "--listen", "127.0.0.1:0",
          "--db", f"sqlite:///{folder}/controller.db", "--admin-token", TOKEN,
          # registered servers never heartbeat here: keep them "up" for the whole run
          "--heartbeat-interval", "3600"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        dict(os.environ, PYTHONUNBUFFERED="1"),
+        Path(folder) / "controller.log",
+        stdin=False,
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if "listening on" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-            return proc, line.rsplit(" ", 1)[1].strip()
-    proc.kill()
-    raise RuntimeError("the controller did not start")
+    try:
+        while True:
+            line = proc.readline(60)
+            if "listening on" in line:
+                return proc, line.rsplit(" ", 1)[1].strip()
+    except (EOFError, TimeoutError) as e:
+        proc.stop()
+        raise RuntimeError(f"the controller did not start: {e}") from None
 
 
 def setup(side: Side, cfg: dict[str, Any]) -> Measure:
@@ -103,10 +102,6 @@ def setup(side: Side, cfg: dict[str, Any]) -> Measure:
         return statistics.median(latencies) * 1e3
 
     def close() -> None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.stop()
 
     return Measure(run, {"gpus": gpus, "clients": clients, "ops_per_client": per_client}, close)

@@ -34,20 +34,30 @@ def pool_file() -> Path:
 def write_pool(url: str, token: str) -> Path:
     p = pool_file()
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds an admin token
+    return _write_private(p, {"url": url, "token": token, "pid": os.getpid()})  # an admin token
+
+
+def read_pool() -> dict[str, Any] | None:
+    return _read_record(pool_file(), "url")
+
+
+def _write_private(p: Path, data: dict[str, Any]) -> Path:
+    """Write JSON readable by its owner only, atomically (a reader never sees half a file)."""
+    tmp = p.with_name(p.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"url": url, "token": token, "pid": os.getpid()}, f)
+        json.dump(data, f)
     tmp.replace(p)
     return p
 
 
-def read_pool() -> dict[str, Any] | None:
+def _read_record(p: Path, key: str) -> dict[str, Any] | None:
+    """The JSON object in `p` if it has `key`; None if missing or not ours."""
     try:
-        data = json.loads(pool_file().read_text())
+        data = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and "url" in data else None
+    return data if isinstance(data, dict) and key in data else None
 
 
 def remove_pool() -> None:
@@ -76,19 +86,11 @@ def lease_file() -> Path:
 
 
 def write_lease(lease: dict[str, Any], url: str) -> Path:
-    p = lease_file()
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"controller": url, "lease": lease}, f)
-    return p
+    return _write_private(lease_file(), {"controller": url, "lease": lease})
 
 
 def read_lease() -> dict[str, Any] | None:
-    try:
-        data = json.loads(lease_file().read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "lease" in data else None
+    return _read_record(lease_file(), "lease")
 
 
 def remove_lease() -> None:
