@@ -620,6 +620,36 @@ def test_device_rng_state_roundtrips_and_checkpoint_preserves_it(limits_run: Sec
     limits_run.check("RNG")
 
 
+def test_cuda_checkpoint_loads_back_onto_the_pooled_gpu_in_a_new_process(server, tmp_path: Path) -> None:
+    """Saved from "cuda" code under `gpupool run`; loaded by another run whose first device use
+    is `torch.load` (the session must open for it)."""
+    ckpt = tmp_path / "model.pt"
+    save = tmp_path / "save.py"
+    save.write_text(textwrap.dedent(f"""
+        import torch
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 3).cuda()
+        torch.save({{"model": m.state_dict(), "whole": m}}, {str(ckpt)!r})
+        print("SUM", float(m.weight.sum()))
+    """))
+    load = tmp_path / "load.py"
+    load.write_text(textwrap.dedent(f"""
+        import torch
+        ck = torch.load({str(ckpt)!r}, weights_only=False)
+        w = ck["model"]["weight"]
+        assert w.device.type == "gpupool", w.device
+        assert ck["whole"].weight.device.type == "gpupool"
+        print("SUM", float(w.sum()))
+        sd = torch.load({str(ckpt)!r}, map_location="cpu", weights_only=False)["model"]
+        assert sd["weight"].device.type == "cpu"
+    """))
+    r1 = gpupool_run(server, sys.executable, str(save))
+    assert r1.returncode == 0, r1.stderr
+    r2 = gpupool_run(server, sys.executable, str(load))
+    assert r2.returncode == 0, r2.stderr
+    assert r1.stdout.split("SUM")[1].strip() == r2.stdout.split("SUM")[1].strip()
+
+
 # ---- 2. redirection ----------------------------------------------------------------------------------
 
 

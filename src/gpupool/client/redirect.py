@@ -459,6 +459,9 @@ def enable(servers: str | list[str] | None = None, token: str | None = None) -> 
         from gpupool.client.backend import install
 
         install()
+        from gpupool.client import session as sess
+
+        sess.set_autoconnect(ensure_session)
         _mode = RedirectMode()
         _patch_threads()
         _patch_backward()

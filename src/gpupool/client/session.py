@@ -15,7 +15,6 @@ from gpupool.errors import ConnectError, SessionClosed
 from gpupool.protocol import messages as m
 
 _lock = threading.Lock()
-_connect_lock = threading.RLock()
 _sessions: dict[int, Session] = {}
 _current = 0
 
@@ -108,21 +107,21 @@ def connect(
     return s
 
 
-_autoconnect: Callable[[], Session] | None = None
+_autoconnect: Callable[[int], None] | None = None
 
 
-def set_autoconnect(fn: Callable[[], Session] | None) -> None:
-    """Open a session on first use of the device (what `gpupool run` does), via `fn`."""
+def set_autoconnect(fn: Callable[[int], None] | None) -> None:
+    """`fn(index)` opens the session of device gpupool:index on its first use; `gpupool run`
+    sets it, so any first use — an op, `torch.load` of a CUDA checkpoint — connects."""
     global _autoconnect
     _autoconnect = fn
 
 
-def _auto() -> Session | None:
+def _auto(index: int) -> Session | None:
     if _autoconnect is None:
         return None
-    with _connect_lock:
-        s = _sessions.get(_current)
-        return s if s is not None else _autoconnect()
+    _autoconnect(index)
+    return _sessions.get(index)
 
 
 def _lease_from_file() -> str:
@@ -138,7 +137,7 @@ def _lease_from_file() -> str:
 
 
 def current_session() -> Session:
-    s = _sessions.get(_current) or _auto()
+    s = _sessions.get(_current) or _auto(_current)
     if s is None:
         raise SessionClosed(
             "no gpupool session is open: call gpupool.connect(...) or run the program under "
@@ -149,9 +148,7 @@ def current_session() -> Session:
 
 def session_for_device(device: torch.device) -> Session:
     idx = device.index if device.index is not None else _current
-    s = _sessions.get(idx)
-    if s is None and idx == _current:
-        s = _auto()
+    s = _sessions.get(idx) or _auto(idx)
     if s is None:
         raise SessionClosed(f"no gpupool session is open for device {device}")
     return s
