@@ -19,6 +19,7 @@ import typer
 
 from gpupool import display, home
 from gpupool.errors import ControllerError, GpupoolError, LeaseExpired, NoCapacity
+from gpupool.netaddr import parse_host_port
 from gpupool.units import parse_bytes
 
 #: Exit status when the pool has no capacity (or quota) for a request.
@@ -317,9 +318,9 @@ def up(cpu_gpus: int | None, cpu_gpu_memory: str, listen: str, server_listen: st
     from gpupool.server.__main__ import serve
 
     token = "gpt_" + secrets.token_urlsafe(24)
-    host, _, port = listen.rpartition(":")
     try:
-        ctl = ControllerThread(Settings(db_url=db, admin_token=token), host.strip("[]") or "127.0.0.1", int(port)).start()
+        host, port = parse_host_port(listen, "controller listen address")
+        ctl = ControllerThread(Settings(db_url=db, admin_token=token), host, port).start()
     except (OSError, RuntimeError, ValueError) as e:
         _die(f"cannot start the controller: {e}")
     home.write_pool(ctl.url, token)

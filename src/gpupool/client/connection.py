@@ -32,6 +32,7 @@ from gpupool.errors import (
     UnsupportedError,
     VersionMismatch,
 )
+from gpupool.netaddr import parse_host_port
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter
 from gpupool.protocol.version import PROTOCOL_VERSION
@@ -103,10 +104,10 @@ _reply_decoder = m.make_decoder(m.ServerMessage, ext_hook=_reply_ext_hook)
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConnectError(f"bad server address {address!r}: expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return parse_host_port(address, "server address")
+    except ValueError as e:
+        raise ConnectError(str(e)) from None
 
 
 class Connection:

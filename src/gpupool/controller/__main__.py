@@ -6,6 +6,7 @@ import argparse
 
 from gpupool.controller.app import Controller, Settings
 from gpupool.controller.runner import serve
+from gpupool.netaddr import parse_host_port
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--default-ttl", type=float, default=d.default_ttl_s, metavar="S")
     p.add_argument("--max-wait", type=float, default=d.max_wait_s, metavar="S")
     a = p.parse_args(argv)
+    try:
+        host, port = parse_host_port(a.listen, "listen address")
+    except ValueError as e:
+        p.error(str(e))
     settings = Settings(db_url=a.db, admin_token=a.admin_token, heartbeat_interval_s=a.heartbeat_interval,
                         sweep_interval_s=a.sweep_interval, poll_interval_s=a.poll_interval,
                         default_ttl_s=a.default_ttl, max_wait_s=a.max_wait)
@@ -28,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         c = Controller(settings)
         print(f"admin token: {c.create_admin_token()}", flush=True)
         c.store.close()
-    host, _, port = a.listen.rpartition(":")
-    serve(settings, host.strip("[]") or "127.0.0.1", int(port))
+    serve(settings, host, port)
 
 
 if __name__ == "__main__":

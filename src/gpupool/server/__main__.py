@@ -10,6 +10,7 @@ import sys
 import uuid
 from typing import Any
 
+from gpupool.netaddr import parse_host_port
 from gpupool.server.device import DeviceInfo, discover
 from gpupool.server.listener import Server, ServerConfig
 from gpupool.units import parse_bytes
@@ -60,11 +61,11 @@ def serve(
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
-    host, _, port = listen.rpartition(":")
+    host, port = parse_host_port(listen, "listen address")
     devices = discover(cpu_gpus, parse_bytes(cpu_gpu_memory))
     cfg = ServerConfig(
-        host.strip("[]") or "127.0.0.1",
-        int(port),
+        host,
+        port,
         "" if controller else token,
         devices,
         parse_bytes(memory_limit) if memory_limit else None,
