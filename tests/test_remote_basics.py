@@ -94,3 +94,16 @@ def test_print_shows_device(session) -> None:
     r = torch.ones(2, device=session.device)
     assert "gpupool:0" in repr(r)
     assert repr(r).startswith("tensor([1., 1.]")
+
+
+def test_large_download_is_fresh_and_exact(session) -> None:
+    """A download big enough to be advised huge pages (see Note [Huge pages]) returns new
+    memory with every byte of the device tensor, at any offset."""
+    from gpupool.client.hostmem import HUGE_MIN_BYTES
+
+    n = HUGE_MIN_BYTES // 4 + 12345
+    x = torch.arange(n, dtype=torch.int32)
+    d = x.to(session.device)
+    a, b = d.cpu(), d[3:].cpu()
+    assert torch.equal(a, x) and torch.equal(b, x[3:])
+    assert a.data_ptr() != b.data_ptr()

@@ -481,3 +481,36 @@ def test_fetch_gathers_strided_tensors_in_bounded_pieces(make: Any, monkeypatch)
         a.close()
         b.close()
     assert got == t.contiguous().numpy().tobytes()
+
+
+def test_lease_end_during_a_frame_waits_until_the_frame_is_out() -> None:
+    """SIGUSR1 in the middle of a frame (here: while a streamed fetch is being gathered) ends the
+    session only once the frame is whole; the Refused frame that follows still goes out."""
+    import socket
+
+    from gpupool.protocol.framing import FrameReader
+    from gpupool.server.worker import LeaseEnded, WholeFrameWriter
+
+    a, b = socket.socketpair()
+    writer = WholeFrameWriter(a)
+    old = signal.signal(signal.SIGUSR1, writer.on_lease_ended)
+
+    def chunks() -> Iterator[memoryview]:
+        yield memoryview(b"x" * 10)
+        signal.raise_signal(signal.SIGUSR1)  # the handler runs here, mid-frame
+        yield memoryview(b"y" * 10)
+
+    try:
+        with pytest.raises(LeaseEnded):
+            writer.send_stream(b"head", 20, chunks())
+        writer.send(b"refused")  # once only: the farewell frame is not cut short
+        with pytest.raises(LeaseEnded):  # outside a frame the handler raises at once
+            signal.raise_signal(signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        a.close()
+    reader = FrameReader(b)
+    assert reader.read_message() == (bytearray(b"head"), [20])
+    assert bytes(reader.read_buffer()) == b"x" * 10 + b"y" * 10
+    assert reader.read_message() == (bytearray(b"refused"), [])
+    b.close()

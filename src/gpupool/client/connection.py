@@ -53,6 +53,18 @@ class OutOfShare(ShareExceeded, torch.OutOfMemoryError):
 #: Send without waiting once this many commands are queued.
 MAX_PENDING = 512
 
+#: Bumped in a forked child. A connection remembers the value it was made under, so "is this
+#: the process that opened me?" costs no `getpid()` system call on every command.
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _torch_dir: str | None = None
 
@@ -154,7 +166,7 @@ class Connection:
         self._seq = itertools.count(1)
         self._where: dict[int, tuple[str, tuple[str, int] | None]] = {}
         self.closed = False
-        self._pid = os.getpid()
+        self._fork_generation = _fork_generation
         self.lost: str | None = None
         self._encoder: msgspec.msgpack.Encoder | None = None
 
@@ -167,7 +179,7 @@ class Connection:
         return next(self._handles)
 
     def _check_open(self) -> None:
-        if self._pid != os.getpid():
+        if self._fork_generation != _fork_generation:
             raise UnsupportedError(FORK_MESSAGE)
         if self.closed:
             raise SessionClosed("this gpupool session is closed; its tensors are gone")
@@ -224,11 +236,15 @@ class Connection:
             self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Free(frees))))
 
     def _flush_locked(self) -> None:
-        self._queue_frees()
-        if not self._cmds:
+        if self.frees:
+            self._queue_frees()
+        cmds = self._cmds
+        if not cmds:
             return
-        cmds, self._cmds = self._cmds, []
-        bufs, self._bufs = self._bufs, []
+        self._cmds = []
+        bufs = self._bufs
+        if bufs:
+            self._bufs = []
         msg = m.plain_encoder.encode(m.Batch(cmds))  # type: ignore[arg-type]
         try:
             self._writer.send(msg, bufs)
@@ -244,16 +260,19 @@ class Connection:
 
     def request(self, cmd: Any, into: memoryview | None = None) -> Any:
         """Send `cmd` with everything queued before it and wait for its reply (a sync point)."""
+        raw = cmd if type(cmd) is msgspec.Raw else msgspec.Raw(m.plain_encoder.encode(cmd))
         with self._lock:
             self._check_open()
             # Note: frees go *before* the request: their tensors died before it was made, so no
             # queued command still uses them, and the reply (e.g. memory in use) reflects them.
-            self._queue_frees()
-            self._cmds.append(cmd if isinstance(cmd, msgspec.Raw) else msgspec.Raw(m.plain_encoder.encode(cmd)))
+            if self.frees:
+                self._queue_frees()
+            self._cmds.append(raw)
             self._flush_locked()
             try:
-                reply = self._read_reply()
-                if isinstance(reply, m.Refused):
+                msg, _ = self._reader.read_message()
+                reply = m.decode(_reply_decoder, msg, "reply from the server")
+                if type(reply) is m.Refused:
                     self.lost = f"the server ended the session: {reply.message}"
                     if reply.code == "protocol":
                         raise ProtocolError(self.lost)
@@ -277,7 +296,8 @@ class Connection:
                 self.lost = self.lost or f"the session with {self.address} broke: {e}"
                 raise
             where = self._where
-            self._where = {}
+            if where:
+                self._where = {}
         if err is not None:
             raise self._error(err, where)
         return reply
@@ -301,7 +321,7 @@ class Connection:
             try:
                 # Note: a forked child holds a copy of the parent's socket: it must never write
                 # to it; closing its own descriptor leaves the parent's session intact.
-                if self.lost is None and self._pid == os.getpid():
+                if self.lost is None and self._fork_generation == _fork_generation:
                     self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Bye())))
                     self._flush_locked()
             except ServerLost:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from gpupool.client import meta
+from gpupool.client.hostmem import empty_for_download
 from gpupool.client.session import Session, current_session, session_for_device
 from gpupool.client.tensor import Handle, RemoteTensor
 from gpupool.errors import UnsupportedError
@@ -472,7 +473,7 @@ def upload(
 
 def download(t: RemoteTensor) -> torch.Tensor:
     """The tensor's elements as a new contiguous CPU tensor (a sync point)."""
-    out = torch.empty(t.shape, dtype=t.dtype)
+    out = empty_for_download(t.shape, t.dtype)
     src = _fetchable(t)
     src._h.session.conn.request(m.Fetch(src._h.id), into=host_bytes(out))
     return out

@@ -19,6 +19,7 @@ long as any handle of it does — aliasing is exactly that of the server's tenso
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,19 @@ if TYPE_CHECKING:
 #: Wrappers claim a storage this large (they own no memory): in-place metadata changes
 #: (resize_, as_strided_, set_) on the client then never fail a bounds check.
 FAKE_STORAGE_BYTES = 1 << 50
+
+
+#: `dispatch.item`, imported on first use (dispatch imports this module); an import statement
+#: in `.item()` would cost half a microsecond per round trip.
+_item: Callable[[RemoteTensor], Any] | None = None
+
+
+def _load_item() -> Callable[[RemoteTensor], Any]:
+    global _item
+    from gpupool.client.dispatch import item
+
+    _item = item
+    return item
 
 
 class Handle:
@@ -105,9 +119,7 @@ class RemoteTensor(torch.Tensor):
         # step), and the dispatcher's path to `_local_scalar_dense` costs a few µs more.
         if self.numel() != 1:
             raise RuntimeError(f"a Tensor with {self.numel()} elements cannot be converted to Scalar")
-        from gpupool.client.dispatch import item
-
-        return item(self)
+        return (_item or _load_item())(self)
 
     def tolist(self) -> Any:  # type: ignore[override]
         return self.detach().cpu().tolist()

@@ -74,6 +74,15 @@ class FrameWriter:
 
     def send(self, message: bytes, buffers: list[memoryview] | tuple[memoryview, ...] = ()) -> None:
         """Send one frame: small parts go out in one write, large buffers without a copy."""
+        if not buffers:
+            # The common frame (a batch of commands, a reply): one write, no buffer bookkeeping.
+            if len(message) > MAX_MESSAGE_FORMAT:
+                raise ProtocolError(f"message of {len(message)} bytes does not fit in one frame")
+            try:
+                self._sock.sendall(b"".join((_HEAD.pack(MAGIC, 0, len(message)), message)))
+            except OSError as e:
+                raise ServerLost(f"connection lost while sending: {e}") from e
+            return
         views = [b if (b.format == "B" and b.ndim == 1) else b.cast("B") for b in buffers]
         head = bytearray(encode_header(len(message), [b.nbytes for b in views]))
         head += message
@@ -148,6 +157,11 @@ class FrameReader:
         """Sizes of the buffers of the current frame not yet consumed."""
         return list(self._pending)
 
+    @property
+    def has_pending_buffers(self) -> bool:
+        """Whether the current frame has buffers not yet consumed (no list made)."""
+        return bool(self._pending)
+
     def _recv_some_into(self, view: memoryview) -> int:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
@@ -164,6 +178,16 @@ class FrameReader:
             raise ServerLost("peer closed the connection")
         return k
 
+    def _fill(self, n: int) -> None:
+        """Receive until the read-ahead holds at least `n` bytes (n <= its size)."""
+        have = self._end - self._start
+        if self._start:
+            if have:
+                self._ahead[:have] = self._ahead[self._start:self._end]
+            self._start, self._end = 0, have
+        while self._end < n:
+            self._end += self._recv_some_into(self._ahead_view[self._end:])
+
     def _take(self, n: int) -> memoryview:
         """The next `n` bytes (n <= the read-ahead size), received with as few recvs as can be."""
         if self._end - self._start < n:
@@ -171,12 +195,7 @@ class FrameReader:
                 out = memoryview(bytearray(n))
                 self._recv_exact_into(out)
                 return out
-            have = self._end - self._start
-            if self._start:
-                self._ahead[:have] = self._ahead[self._start:self._end]
-                self._start, self._end = 0, have
-            while self._end < n:
-                self._end += self._recv_some_into(self._ahead_view[self._end:])
+            self._fill(n)
         out = self._ahead_view[self._start:self._start + n]
         self._start += n
         return out
@@ -199,8 +218,16 @@ class FrameReader:
         `ProtocolError` for a frame that is not gpupool's or is over the limits (checked before
         anything of that size is allocated).
         """
-        self.skip_pending()
-        magic, nbufs, msglen = _HEAD.unpack(self._take(_HEAD.size))
+        if self._pending:
+            self.skip_pending()
+        if self._can_read_ahead:
+            # Note: the common path (every frame after the handshake) reads the header in place.
+            if self._end - self._start < HEADER_SIZE:
+                self._fill(HEADER_SIZE)
+            magic, nbufs, msglen = _HEAD.unpack_from(self._ahead, self._start)
+            self._start += HEADER_SIZE
+        else:
+            magic, nbufs, msglen = _HEAD.unpack(self._take(HEADER_SIZE))
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {bytes(magic)!r}: not a gpupool peer")
         if msglen > self.limits.max_message:
@@ -224,11 +251,17 @@ class FrameReader:
                 raise ProtocolError(
                     f"frame announces {total} buffer bytes, over the limit of {self.limits.max_buffer_bytes}"
                 )
-        if msglen <= len(self._ahead):
-            msg = bytearray(self._take(msglen))
-        else:
+        if msglen > len(self._ahead):
             msg = bytearray(msglen)
             self._recv_exact_into(memoryview(msg))
+        elif self._can_read_ahead:
+            if self._end - self._start < msglen:
+                self._fill(msglen)
+            start = self._start
+            self._start = start + msglen
+            msg = self._ahead[start:self._start]  # a copy (bytearray slice): the read-ahead is reused
+        else:
+            msg = bytearray(self._take(msglen))
         self._pending = list(sizes)  # Note: a copy; the caller may keep the returned list
         return msg, sizes
 

@@ -628,7 +628,7 @@ class Executor:
             for cmd in batch.cmds:
                 if self.handle(cmd, reader, writer):
                     return
-            if reader.pending_buffers:
+            if reader.has_pending_buffers:
                 raise ProtocolError("frame carries buffers no command asked for")
 
     def handle(self, cmd: m.Command, reader: FrameReader, writer: FrameWriter) -> bool:

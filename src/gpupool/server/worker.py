@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from gpupool.protocol.framing import FrameWriter
@@ -78,23 +79,48 @@ class LeaseEnded(BaseException):
     """
 
 
-def _lease_ended(signum: int, frame: Any) -> None:
-    raise LeaseEnded()
-
-
 class WholeFrameWriter(FrameWriter):
-    """Sends each frame whole: SIGUSR1 (lease ended) waits until the frame is out.
+    """Sends each frame whole: a lease that ends (SIGUSR1) while a frame goes out ends the
+    session once the frame is out.
 
     Note: the lease-ended handler raises, and a frame cut half-way would leave the client
-    reading garbage instead of the Refused frame that says why the session ended.
+    reading garbage instead of the Refused frame that says why the session ended. The handler
+    (`on_lease_ended`) defers itself while `_sending` is set instead of the signal being blocked
+    around each send: Python runs it between bytecodes of the main thread, so it sees the flag
+    either before the frame starts or after it is out, and two `sigprocmask` calls per reply
+    (~2 µs, on every round trip) are saved. `sendall` resumes after a handler that returns.
     """
 
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self._sending = False
+        self._ended = False
+
+    def on_lease_ended(self, signum: int, frame: Any) -> None:
+        if self._sending:
+            self._ended = True
+            return
+        raise LeaseEnded()
+
+    def _after_frame(self) -> None:
+        self._sending = False
+        if self._ended:
+            self._ended = False  # once: the Refused frame that follows must go out
+            raise LeaseEnded()
+
     def send(self, message: bytes, buffers: Any = ()) -> None:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        self._sending = True
         try:
             super().send(message, buffers)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            self._after_frame()
+
+    def send_stream(self, message: bytes, nbytes: int, chunks: Iterable[memoryview]) -> None:
+        self._sending = True
+        try:
+            super().send_stream(message, nbytes, chunks)
+        finally:
+            self._after_frame()
 
 
 def run_session(conn: socket.socket, info: dict[str, Any]) -> None:
@@ -131,7 +157,7 @@ def run_session(conn: socket.socket, info: dict[str, Any]) -> None:
                 )
             )
         )
-        signal.signal(signal.SIGUSR1, _lease_ended)
+        signal.signal(signal.SIGUSR1, writer.on_lease_ended)
         ex.serve(reader, writer)
     except LeaseEnded:
         log.info("session %s: lease ended", info["session"])
