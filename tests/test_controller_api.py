@@ -31,6 +31,7 @@ from gpupool.controller.errors import (
     NotFound,
     QuotaExceeded,
 )
+from gpupool.controller.runner import ControllerThread
 from gpupool.controller.store import Store
 from gpupool.controller.testing import ADMIN_TOKEN, GiB, Pool
 from gpupool.errors import AuthError
@@ -523,6 +524,37 @@ def test_100_clients_request_and_release_at_once(tmp_path: Path) -> None:
                     whole[g["gpu_id"]] = whole.get(g["gpu_id"], 0) + sign
                 assert held[g["gpu_id"]] <= gpu_memory[g["gpu_id"]], f"GPU {g['gpu_id']} over-committed"
                 assert whole.get(g["gpu_id"], 0) == 0 or held[g["gpu_id"]] == gpu_memory[g["gpu_id"]]
+
+
+def test_replicas_on_one_database_see_each_others_grants_and_releases(tmp_path: Path) -> None:
+    """Two controllers on one database (replicas) each keep the pool in memory between requests
+    (Note [Pool cache] in store.py): what one grants or releases, the other's next decision sees."""
+    with Pool(tmp_path) as a:
+        a.register("srv", 8 * GiB)
+        b_thread = ControllerThread(a.settings).start()
+        try:
+            b = a.client(ADMIN_TOKEN)
+            b.base_url = httpx.URL(b_thread.url)
+            half = {"fraction": 0.5, "wait_s": 0}
+            for c in (a.admin, b):  # both replicas have decided once: their snapshots are warm
+                r = c.post("/v1/leases", json=half)
+                assert r.status_code == 201, r.text
+                assert c.delete(f"/v1/leases/{r.json()['id']}").status_code == 200
+            first = a.admin.post("/v1/leases", json=half)
+            second = b.post("/v1/leases", json=half)
+            assert first.status_code == 201 and second.status_code == 201, (first.text, second.text)
+            third = a.admin.post("/v1/leases", json=half)
+            assert third.status_code == 409 and third.json()["code"] == "no_capacity", third.text
+            assert b.delete(f"/v1/leases/{first.json()['id']}").status_code == 200  # released on the other
+            again = a.admin.post("/v1/leases", json=half)
+            assert again.status_code == 201, again.text
+            assert gpus(a)[0]["allocated_bytes"] == 8 * GiB
+            assert b.post("/v1/leases", json=half).status_code == 409
+            a.register("srv2", 8 * GiB)  # inventory added on one replica is placed on by the other
+            r = b.post("/v1/leases", json=half)
+            assert r.status_code == 201 and r.json()["server"] == "srv2", r.text
+        finally:
+            b_thread.stop()
 
 
 # -- fuzzing the API ----------------------------------------------------------------------------

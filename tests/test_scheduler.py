@@ -7,6 +7,7 @@ is granted whole or not at all; the queue is served in order and within quotas.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -280,6 +281,10 @@ class GrantRelease(RuleBasedStateMachine):
     @rule(target=held, req=requests())
     def grant(self, req: Request) -> Placement | None:
         p = place(req, self.snap)
+        # Placement remembers per-server answers on the (shared, frozen) server views: the answer
+        # must be the one computed afresh on copies that remember nothing.
+        fresh = Snapshot(tuple(replace(s, gpus=tuple(replace(g) for g in s.gpus)) for s in self.snap.servers))
+        assert p == place(req, fresh)
         if p is not None:
             self.snap = apply(self.snap, p)
             self.leases.append(p)

@@ -106,6 +106,7 @@ def controller(
     heartbeat_interval: float = typer.Option(5.0, help="Seconds between server heartbeats (3 missed: server down)."),
     sweep_interval: float = typer.Option(1.0, help="Seconds between checks of liveness, lease expiry and queue deadlines."),
     default_ttl: float = typer.Option(600.0, help="Lease time to live when a request gives none (seconds)."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log a line per HTTP request (off: it costs as much as a health check)."),
 ) -> None:
     """Run the pool controller: inventory, scheduler, queue and leases, over HTTP/JSON (OpenAPI at /docs)."""
     from gpupool.controller.__main__ import main as controller_main
@@ -118,7 +119,7 @@ def controller(
     if admin_token:
         argv += ["--admin-token", admin_token]
     argv += ["--heartbeat-interval", str(heartbeat_interval), "--sweep-interval", str(sweep_interval),
-             "--default-ttl", str(default_ttl)]
+             "--default-ttl", str(default_ttl)] + (["--access-log"] if access_log else [])
     controller_main(argv)
 
 

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--poll-interval", type=float, default=d.poll_interval_s, metavar="S")
     p.add_argument("--default-ttl", type=float, default=d.default_ttl_s, metavar="S")
     p.add_argument("--max-wait", type=float, default=d.max_wait_s, metavar="S")
+    p.add_argument("--access-log", action="store_true", help="log a line per HTTP request")
     a = p.parse_args(argv)
     try:
         host, port = parse_host_port(a.listen, "listen address")
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         c = Controller(settings)
         print(f"admin token: {c.create_admin_token()}", flush=True)
         c.store.close()
-    serve(settings, host, port)
+    serve(settings, host, port, access_log=a.access_log)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7700, log_level: str = "info") -> None:
-    """Serve the controller until SIGINT/SIGTERM (blocking). Port 0 picks a free port."""
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7700, log_level: str = "info",
+          access_log: bool = False) -> None:
+    """Serve the controller until SIGINT/SIGTERM (blocking). Port 0 picks a free port.
+
+    `access_log`: a line per HTTP request on stdout. Off by default: at a few thousand requests a
+    second, writing it cost the controller as much as answering a health check."""
     app = create_app(settings)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
     print(f"gpupool controller listening on http://{_url_host(host)}:{bound}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=access_log))
     server.run(sockets=[sock])
 
 

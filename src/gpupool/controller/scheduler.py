@@ -23,6 +23,7 @@ memory. The property tests in tests/test_scheduler.py check this over random gra
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -146,10 +147,13 @@ class Snapshot:
             for g in s.gpus:
                 yield s, g
 
-    def gpu(self, gpu_id: str) -> GpuView:
-        for _, g in self.gpus():
-            if g.id == gpu_id:
-                return g
+    def gpu(self, gpu_id: str, server_id: str | None = None) -> GpuView:
+        """The GPU `gpu_id` (of server `server_id`, when given: a shorter search)."""
+        for s in self.servers:
+            if server_id is None or s.id == server_id:
+                for g in s.gpus:
+                    if g.id == gpu_id:
+                        return g
         raise KeyError(gpu_id)
 
 
@@ -216,13 +220,18 @@ def gpu_matches(req: Request, server: ServerView, gpu: GpuView) -> bool:
     return all(labels.get(k) == v for k, v in req.labels.items())
 
 
+def server_candidates(req: Request, server: ServerView) -> list[GpuView]:
+    """The GPUs of `server` that match the request's filters and can take one share now."""
+    return [g for g in server.gpus if gpu_matches(req, server, g) and gpu_fits(req.share, g)]
+
+
 def filter_candidates(req: Request, snap: Snapshot) -> list[tuple[ServerView, list[GpuView]]]:
     """Per usable server that passes the filters: its GPUs that match and can take one share now."""
     out = []
     for s in snap.servers:
         if not s.usable or not server_matches(req, s):
             continue
-        gpus = [g for g in s.gpus if gpu_matches(req, s, g) and gpu_fits(req.share, g)]
+        gpus = server_candidates(req, s)
         if gpus:
             out.append((s, gpus))
     return out
@@ -255,16 +264,64 @@ def score_server(req: Request, server: ServerView, chosen: Sequence[GpuView]) ->
 # -- place --------------------------------------------------------------------------------------
 
 
+def server_choice(req: Request, server: ServerView) -> tuple[tuple, list[GpuView]] | None:
+    """The best `req.n` GPUs of `server` for `req` and the server's score, or None if fewer fit."""
+    gpus = server_candidates(req, server)
+    if len(gpus) < req.n:
+        return None
+    chosen = sorted(gpus, key=lambda g: score_gpu(req, g))[: req.n]
+    return score_server(req, server, chosen), chosen
+
+
+_MEMO_PER_SERVER = 32
+
+
+_MEMO_KEYS: dict[tuple, int] = {}
+_NEXT_KEY = itertools.count()
+
+
+def _memo_key(req: Request) -> int:
+    """A number per request shape, looked up once per placement instead of hashing the shape once
+    per server. Numbers are never reused (not even after the table is cleared), so a memo never
+    answers for another shape."""
+    shape = (req.n, req.share.kind, req.share.fraction, req.share.bytes, req.model, req.kind,
+             req.min_memory_bytes, tuple(sorted(req.labels.items())), req.spread)
+    key = _MEMO_KEYS.get(shape)
+    if key is None:
+        if len(_MEMO_KEYS) >= 10_000:
+            _MEMO_KEYS.clear()
+        key = _MEMO_KEYS[shape] = next(_NEXT_KEY)
+    return key
+
+
+def _server_choice_memo(req: Request, key: int, server: ServerView) -> tuple[tuple, list[GpuView]] | None:
+    """`server_choice`, remembered on the server view.
+
+    Note: a `ServerView` is frozen, and a grant or release makes a new one for the server it
+    touches (`apply`, `unapply`) while the others are shared with the old snapshot, so the
+    answer for a request shape stays right for as long as the view lives. The store keeps its
+    snapshot between requests (Note [Pool cache] in store.py), so placing on a pool of 1,000 GPUs
+    computes only the servers that changed since the last placement.
+    """
+    memo: dict[int, tuple[tuple, list[GpuView]] | None] = server.__dict__.setdefault("_choices", {})
+    if key in memo:
+        return memo[key]
+    if len(memo) >= _MEMO_PER_SERVER:
+        memo.clear()
+    choice = memo[key] = server_choice(req, server)
+    return choice
+
+
 def place(req: Request, snap: Snapshot) -> Placement | None:
     """The best placement of the whole request on one server, or None: never a part of it."""
     best: tuple[tuple, ServerView, list[GpuView]] | None = None
-    for server, gpus in filter_candidates(req, snap):
-        if len(gpus) < req.n:
+    key = _memo_key(req)
+    for server in snap.servers:
+        if not server.usable or not server_matches(req, server):
             continue
-        chosen = sorted(gpus, key=lambda g: score_gpu(req, g))[: req.n]
-        key = score_server(req, server, chosen)
-        if best is None or key < best[0]:
-            best = (key, server, chosen)
+        choice = _server_choice_memo(req, key, server)
+        if choice is not None and (best is None or choice[0] < best[0]):
+            best = (choice[0], server, choice[1])
     if best is None:
         return None
     _, server, chosen = best
@@ -349,7 +406,8 @@ def explain(req: Request, snap: Snapshot) -> str:
 
 def placement_worth(placement: Placement, snap: Snapshot) -> Fraction:
     """How many GPUs' worth of memory a placement takes: the quota unit."""
-    return sum((Fraction(g.bytes, snap.gpu(g.gpu_id).memory_bytes) for g in placement.gpus), Fraction(0))
+    return sum((Fraction(g.bytes, snap.gpu(g.gpu_id, placement.server_id).memory_bytes) for g in placement.gpus),
+               Fraction(0))
 
 
 def least_worth(req: Request, snap: Snapshot) -> Fraction | None:
