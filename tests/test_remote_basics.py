@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -107,3 +109,24 @@ def test_large_download_is_fresh_and_exact(session) -> None:
     a, b = d.cpu(), d[3:].cpu()
     assert torch.equal(a, x) and torch.equal(b, x[3:])
     assert a.data_ptr() != b.data_ptr()
+
+
+def test_queued_ops_leave_without_a_sync_point(session) -> None:
+    """Ops do not wait in the client for a sync point: they leave with the next op once they have
+    waited FLUSH_AFTER_S, and as an optimizer step returns, so the server computes while the
+    program goes on (Note [Flush latency])."""
+    from gpupool.client.connection import FLUSH_AFTER_S
+
+    conn = session.conn
+    a = torch.ones(4, device=session.device)
+    b = a + 1
+    time.sleep(FLUSH_AFTER_S * 20)
+    c = b * 2  # queued after the others waited long enough: all leave now
+    assert not conn._cmds
+    p = torch.nn.Parameter(torch.ones(3, device=session.device))
+    opt = torch.optim.SGD([p], lr=0.5)
+    (p * 2).sum().backward()
+    opt.step()
+    assert not conn._cmds, "the optimizer step's ops are still queued in the client"
+    assert c.cpu().tolist() == [4.0] * 4
+    assert p.detach().cpu().tolist() == [0.0] * 3

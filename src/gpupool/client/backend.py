@@ -137,6 +137,12 @@ def _as_device(device: Any) -> torch.device:
     return torch.device(device)
 
 
+def _flush_after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    from gpupool.client.session import flush_all
+
+    flush_all()
+
+
 def install() -> None:
     """Register the backend once per process (idempotent, thread-safe)."""
     global _installed, _lib
@@ -163,6 +169,11 @@ def install() -> None:
         functions.install()
         rnn.install()
         serialization.install()
+        # Note [Flush latency]: the ops of an optimizer step are sent as it returns, so the GPU
+        # runs them while the program prepares the next batch.
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_flush_after_step)
         _installed = True
 
 

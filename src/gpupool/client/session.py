@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import torch
 
-from gpupool.errors import ConnectError, SessionClosed
+from gpupool.errors import ConnectError, GpupoolError, SessionClosed
 from gpupool.protocol import messages as m
 
 _lock = threading.Lock()
@@ -156,6 +156,18 @@ def session_for_device(device: torch.device) -> Session:
 
 def sessions() -> list[Session]:
     return list(_sessions.values())
+
+
+def flush_all() -> None:
+    """Send every open session's queued commands now (Note [Flush latency] in connection.py).
+    A session that is closed or lost is left alone: its next use says so."""
+    for s in list(_sessions.values()):
+        if s.conn.closed or s.conn.lost is not None:
+            continue
+        try:
+            s.conn.flush()
+        except GpupoolError:
+            pass
 
 
 def set_current(index: int) -> None:
