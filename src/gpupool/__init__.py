@@ -51,6 +51,7 @@ __all__ = [
     "UnsupportedError",
     "VersionMismatch",
     "connect",
+    "empty_host_cache",
 ]
 
 
@@ -59,6 +60,14 @@ def connect(address: str | None = None, token: str | None = None, **kwargs: Any)
     from gpupool.client.session import connect as _connect
 
     return _connect(address, token, **kwargs)
+
+
+def empty_host_cache() -> None:
+    """Unmap the free blocks cached for large `.cpu()` results (see Note [Host cache] in
+    `gpupool.client.hostmem`); memory of results still alive is unaffected."""
+    from gpupool.client.hostmem import empty_host_cache as _empty
+
+    _empty()
 
 
 def __getattr__(name: str) -> Any:
