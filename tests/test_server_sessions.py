@@ -514,3 +514,26 @@ def test_lease_end_during_a_frame_waits_until_the_frame_is_out() -> None:
     assert bytes(reader.read_buffer()) == b"x" * 10 + b"y" * 10
     assert reader.read_message() == (bytearray(b"refused"), [])
     b.close()
+
+
+def test_a_worker_outlives_the_thread_that_started_it() -> None:
+    """Workers are started by short-lived threads (spare refills, handshakes): the end of that
+    thread must not end the worker, only the end of the listener's process does (Note in
+    `listener._lifeline`; Linux's PR_SET_PDEATHSIG fires on the thread's end)."""
+    from gpupool.server.listener import _Spare
+
+    made: list[_Spare] = []
+
+    def start() -> None:
+        made.append(_Spare())
+        time.sleep(3)  # the worker is well into its start-up when this thread ends
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    spare = made[0]
+    try:
+        time.sleep(1)
+        assert spare.proc.poll() is None, "the worker died with the thread that started it"
+    finally:
+        spare.discard()

@@ -70,6 +70,33 @@ class _SessionRecord:
     ending: float = 0.0  # monotonic time the worker was told to end, 0 if not yet
 
 
+def _lifeline() -> int:
+    """The read end of this process's lifeline: a pipe whose write end only this process holds.
+
+    Note: a worker blocks reading it and exits at end-of-file, which comes when this process is
+    gone, however it ended (even SIGKILL): a session must not outlive its server. Not
+    PR_SET_PDEATHSIG: Linux sends that when the *thread* that started the worker ends, and
+    workers are started by short-lived threads (refills, handshakes), so a worker that set it
+    before its starting thread ended was killed with it (a spare lost under load, or a session).
+    """
+    with _life_lock:
+        if _life_r is None or _life_pid != os.getpid():
+            _set_lifeline(*os.pipe())
+        assert _life_r is not None
+        return _life_r
+
+
+_life_lock = threading.Lock()
+_life_r: int | None = None
+_life_w: int | None = None
+_life_pid = 0
+
+
+def _set_lifeline(r: int, w: int) -> None:
+    global _life_r, _life_w, _life_pid
+    _life_r, _life_w, _life_pid = r, w, os.getpid()
+
+
 class _Spare:
     """A worker process started ahead of time, waiting for a connection."""
 
@@ -77,9 +104,10 @@ class _Spare:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+            life = _lifeline()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gpupool.server.worker", str(child.fileno())],
-                pass_fds=[child.fileno()],
+                [sys.executable, "-m", "gpupool.server.worker", str(child.fileno()), str(life)],
+                pass_fds=[child.fileno(), life],
                 env=env,
                 stdin=subprocess.DEVNULL,
             )

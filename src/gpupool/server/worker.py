@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -185,25 +186,23 @@ def run_session(conn: socket.socket, info: dict[str, Any]) -> None:
             pass
 
 
-def _die_with_parent() -> None:
-    """Linux: end this worker when the listener dies, even by SIGKILL.
+def _die_with_parent(lifeline: int) -> None:
+    """End this worker when the listener's process ends, even by SIGKILL (`listener._lifeline`).
 
     Note: a session must not outlive its server: the controller marks a dead server's leases
     ended, and its clients must see the connection drop (a clear error at their next sync)
     rather than keep computing on a GPU the pool believes is free.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() == 1:  # the listener died before we got here
-            os._exit(0)
-    except (OSError, AttributeError):
-        pass
+    def watch() -> None:
+        try:
+            while os.read(lifeline, 1):
+                pass
+        except OSError:
+            pass
+        os._exit(0)  # end-of-file: no process holds the write end any more
+
+    threading.Thread(target=watch, name="gpupool-lifeline", daemon=True).start()
 
 
 def main() -> None:
@@ -211,7 +210,7 @@ def main() -> None:
     # Note: Ctrl-C on `gpupool server` reaches the whole process group; the listener ends its
     # workers itself (terminate), so a worker must not die half-way on SIGINT first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(int(sys.argv[2]))
     ctl = socket.socket(fileno=int(sys.argv[1]))
     import torch  # warm the import before a session arrives
 
