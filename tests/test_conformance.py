@@ -57,8 +57,13 @@ def test_opinfo_conformance(server) -> None:
 
     documented = conf.parse_failures(conf.DOC.read_text())
     now = report.failures()
-    new = sorted(set(now) - set(documented))
-    fixed = sorted(set(documented) - set(now))
+    # A row that differs from the CPU only as PyTorch's own tensor-subclass path does (checked
+    # in the sweep: the device's result equals the CPU's under a no-op TorchDispatchMode) depends
+    # on the machine: whether the two CPU paths agree is up to its BLAS kernels (matmul's folded
+    # and unfolded products agree on some CPUs, not on others). Such a row may pass here.
+    machine_dependent = {k for k, why in documented.items() if conf.PYTHON_DISPATCH_PATH in why}
+    fixed = sorted(set(documented) - set(now) - machine_dependent)
+    new = sorted(k for k in set(now) - set(documented) if conf.PYTHON_DISPATCH_PATH not in now[k])
     assert not new, "newly failing (regressions): " + "; ".join(f"{k}: {now[k]}" for k in new)
     assert not fixed, (
         f"now passing but documented as failing: {fixed}; regenerate the document with "
