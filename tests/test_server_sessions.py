@@ -537,3 +537,18 @@ def test_a_worker_outlives_the_thread_that_started_it() -> None:
         assert spare.proc.poll() is None, "the worker died with the thread that started it"
     finally:
         spare.discard()
+
+
+def test_a_freed_tensor_makes_room_for_the_next_one(listener) -> None:
+    """A tensor dropped before the next op is freed on the server before that op allocates
+    (Note [Ordering] in client/connection.py): a share that holds one copy is enough for a loop
+    that drops the old copy and makes a new one."""
+    srv, address = listener
+    host = torch.ones(LIMIT * 6 // 10, dtype=torch.uint8)
+    with gpupool.connect(address, token=TOKEN) as s:
+        x = host.to(s.device)
+        for _ in range(3):
+            del x
+            x = host.to(s.device)
+            s.synchronize()
+        assert x[-8:].cpu().tolist() == [1] * 8

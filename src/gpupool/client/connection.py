@@ -1,17 +1,20 @@
 """A session's connection to a server: handshake, the batched command stream, replies.
 
 Note [Ordering]: commands are appended in program order and sent in batches; the server runs
-them in that order.
+them in that order. Frees collected so far are appended *after* the pending commands, so a
+handle is never freed before a command that uses it, and *before* the command being queued
+(which cannot use a handle that has died): a tensor dropped before the next op (`del x` and a
+new `x = big.to(device)`) is freed on the server before that op allocates, so a share that
+holds one copy is enough, and the server can reuse the memory.
+`__del__` of a handle only appends to `self.frees` (atomic under the GIL) and never takes the
+lock, because the garbage collector can run it anywhere, also inside `flush()`.
 
 Note [Flush latency]: a batch leaves when 512 commands are queued, at a sync point, or with the
 first command queued after the oldest one has waited `FLUSH_AFTER_S` (0.5 ms). Batching saves a
 system call and a server wake-up per op (what `op_add_small` measures); the time bound keeps the
 GPU busy: with only the count, a training step of 60 ops sat in the client until nine steps were
 queued, and the server's compute, which should overlap the client issuing the next ops, came
-after it instead. Frees collected since the last flush are appended *after* the pending
-commands, so a handle is never freed before a command that uses it. `__del__` of a handle only
-appends to `self.frees` (atomic under the GIL) and never takes the lock, because the garbage
-collector can run it anywhere, also inside `flush()`.
+after it instead.
 """
 
 from __future__ import annotations
@@ -206,6 +209,8 @@ class Connection:
         with self._lock:
             self._check_open()
             self._where[seq] = (name, _user_location())
+            if self.frees:  # Note [Ordering]: they died before this op was made
+                self._queue_frees()
             cmds = self._cmds
             if not cmds:
                 self._queued_at = now
@@ -225,6 +230,8 @@ class Connection:
     def command(self, cmd: Any, buffer: memoryview | None = None, flush: bool = False) -> None:
         with self._lock:
             self._check_open()
+            if self.frees:  # Note [Ordering]: they died before this command was made
+                self._queue_frees()
             self._cmds.append(msgspec.Raw(m.plain_encoder.encode(cmd)))
             if buffer is not None:
                 self._bufs.append(buffer)
