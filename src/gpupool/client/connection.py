@@ -33,6 +33,7 @@ import torch
 from gpupool.errors import (
     AuthError,
     ConnectError,
+    GpupoolError,
     LeaseError,
     LeaseExpired,
     ProtocolError,
@@ -272,7 +273,40 @@ class Connection:
             self._writer.send(msg, bufs)
         except ServerLost as e:
             self.lost = f"lost the gpupool server at {self.address}: {e}"
-            raise ServerLost(self.lost) from None
+            why = self._farewell()
+            raise why if why is not None else ServerLost(self.lost) from None
+
+    def _farewell(self) -> Exception | None:
+        """After a failed send: the error of the Refused frame the server sent before it closed
+        the connection (a lease that ended, the share exceeded), if it is there to read.
+
+        Note: a server that ends a session sends why and closes; a client that was sending at
+        that moment gets a broken pipe first, and the reason waits unread in its socket buffer.
+        """
+        self._reader.deadline = time.monotonic() + 1.0
+        try:
+            msg, _ = self._reader.read_message()
+            reply = m.decode(_reply_decoder, msg, "reply from the server")
+        except (GpupoolError, OSError):
+            return None
+        finally:
+            self._reader.deadline = None
+            try:
+                self._sock.settimeout(None)
+            except OSError:
+                pass
+        return self._refused(reply) if type(reply) is m.Refused else None
+
+    def _refused(self, reply: m.Refused) -> Exception:
+        """The error for a session the server ended, with its reason (the session is over)."""
+        self.lost = f"the server ended the session: {reply.message}"
+        if reply.code == "protocol":
+            return ProtocolError(self.lost)
+        if reply.code == "oom":
+            return OutOfShare(self.lost)
+        if reply.code == "lease":
+            return LeaseExpired(self.lost)
+        return ServerLost(self.lost)
 
     # ---- replies ----------------------------------------------------------------------------
 
@@ -295,14 +329,7 @@ class Connection:
                 msg, _ = self._reader.read_message()
                 reply = m.decode(_reply_decoder, msg, "reply from the server")
                 if type(reply) is m.Refused:
-                    self.lost = f"the server ended the session: {reply.message}"
-                    if reply.code == "protocol":
-                        raise ProtocolError(self.lost)
-                    if reply.code == "oom":
-                        raise OutOfShare(self.lost)
-                    if reply.code == "lease":
-                        raise LeaseExpired(self.lost)
-                    raise ServerLost(self.lost)
+                    raise self._refused(reply)
                 err = getattr(reply, "error", None)
                 if isinstance(reply, m.Data) and err is None:
                     if into is not None:
