@@ -76,6 +76,9 @@ class Op(msgspec.Struct, tag="op", array_like=True, frozen=True):
     `outs` has one entry per tensor in the flattened result: a new handle, or -1 where the
     result is an input returned again (in-place and out= ops) and needs no new handle.
     With `reply`, the server answers with `OpResult` (metadata and non-tensor values).
+    `frees`: handles to free before the op runs (tensors the client dropped before it made the
+    op), so the op can use their memory; a separate `free` command would cost a command per op
+    in a loop like `c = a + b`.
     """
 
     seq: int
@@ -84,6 +87,7 @@ class Op(msgspec.Struct, tag="op", array_like=True, frozen=True):
     kwargs: dict[str, Any]
     outs: list[int]
     reply: bool = False
+    frees: list[int] = []
 
 
 class Upload(msgspec.Struct, tag="up", array_like=True, frozen=True):

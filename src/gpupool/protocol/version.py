@@ -1,3 +1,3 @@
 """Protocol version: bumped on any incompatible change to framing or messages."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: `op` carries `frees`

@@ -636,6 +636,8 @@ class Executor:
         t = type(cmd)
         if t is m.Op:
             assert isinstance(cmd, m.Op)
+            for h in cmd.frees:
+                self._free(h)
             try:
                 tensors, values = self.run_op(cmd)
             except Exception as e:  # noqa: BLE001 - deferred to the next sync
