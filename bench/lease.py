@@ -16,12 +16,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from bench.common import LineProc
 from bench.side import Measure, Side
+
+if TYPE_CHECKING:
+    import httpx
 
 TOKEN = "gpt_bench-admin-token-0123456789abcdef"
 
@@ -46,7 +47,25 @@ def _start_controller(folder: str) -> tuple[LineProc, str]:
         raise RuntimeError(f"the controller did not start: {e}") from None
 
 
+def _controller_deps() -> None:
+    """Skip (not fail) where the controller cannot run: a GPU host may carry only what the data
+    plane needs (torch, msgspec, numpy)."""
+    from bench.training import Skip
+
+    missing = []
+    for mod in ("httpx", "fastapi", "uvicorn", "sqlalchemy", "cryptography"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise Skip(f"the controller's dependencies are not importable here ({', '.join(missing)})")
+
+
 def setup(side: Side, cfg: dict[str, Any]) -> Measure:
+    _controller_deps()
+    import httpx
+
     gpus, clients, per_client = int(cfg.get("gpus", 1000)), int(cfg.get("clients", 20)), int(cfg.get("per_client", 10))
     folder = tempfile.mkdtemp(prefix="gpupool-bench-lease-")
     proc, url = _start_controller(folder)
