@@ -130,3 +130,33 @@ def test_queued_ops_leave_without_a_sync_point(session) -> None:
     assert not conn._cmds, "the optimizer step's ops are still queued in the client"
     assert c.cpu().tolist() == [4.0] * 4
     assert p.detach().cpu().tolist() == [0.0] * 3
+
+
+def test_detach_shares_data_but_not_metadata(session) -> None:
+    """`detach` costs no remote op (the alias shares its source's server tensor), yet behaves
+    like a local detach: writes to the data are seen by both, metadata changes by one only."""
+    a = torch.arange(6.0).reshape(2, 3)
+    ra = a.to(session.device)
+    rd, d = ra.detach(), a.detach()
+    rd.add_(1)
+    d.add_(1)
+    torch.testing.assert_close(ra.cpu(), a, rtol=0, atol=0)
+    rd.t_()
+    d.t_()
+    assert rd.shape == d.shape == (3, 2) and ra.shape == a.shape == (2, 3)
+    torch.testing.assert_close(rd.cpu(), d, rtol=0, atol=0)
+    torch.testing.assert_close(ra.cpu(), a, rtol=0, atol=0)
+    rd.mul_(2)  # still the same storage after the metadata change
+    d.mul_(2)
+    torch.testing.assert_close(ra.cpu(), a, rtol=0, atol=0)
+    re, e = ra.detach(), a.detach()
+    ra.resize_(6)
+    a.resize_(6)
+    assert re.shape == e.shape == (2, 3)
+    torch.testing.assert_close(re.cpu(), e, rtol=0, atol=0)
+    torch.testing.assert_close(ra.cpu(), a, rtol=0, atol=0)
+    out = torch.empty(0, device=session.device)
+    alias = out.detach()
+    torch.add(torch.ones(4, device=session.device), 1, out=out)  # out= resizes `out` only
+    assert out.shape == (4,) and alias.shape == (0,)
+    assert out.cpu().tolist() == [2.0] * 4

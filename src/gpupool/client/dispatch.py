@@ -93,6 +93,14 @@ def run_remote(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: 
     """Plan the op locally, queue it on the server, return its (remote) outputs."""
     if session is None:
         session = _find_session(args, kwargs) or current_session()
+    restrided = _restrides.get(id(func))
+    if restrided is None:
+        restrided = _restrides[id(func)] = _restrided_args(func)
+    if restrided:
+        for i, name in restrided:
+            t = args[i] if 0 <= i < len(args) else kwargs.get(name)
+            if isinstance(t, RemoteTensor) and t._h.shared:
+                _unshare(t)
     if kwargs.get("generator") is not None:
         raise UnsupportedError(
             f"{_name(func)}: an explicit torch.Generator cannot drive a gpupool device; "
@@ -107,6 +115,48 @@ def run_remote(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: 
     if p is meta.DYNAMIC:
         return run_remote_sync(func, args, kwargs, session)
     return _launch(func, args, kwargs, session, p)
+
+
+#: Per op (by `id`): the (position, name) of the arguments whose metadata it may change in place
+#: (in-place view ops, resizes, `set_`, `out=` tensors, which an op may resize).
+_restrides: dict[int, tuple[tuple[int, str], ...]] = {}
+_RESTRIDING = {"resize_", "resize_as_", "set_", "as_strided_", "_resize_output_"}
+
+
+def _restrided_args(func: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    schema = func._schema
+    base = schema.name.split("::", 1)[-1]
+    metadata = torch.Tag.inplace_view in func.tags or base in _RESTRIDING
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write and (metadata or a.kwarg_only):
+            out.append((-1 if a.kwarg_only else i, a.name))
+    return tuple(out)
+
+
+def _unshare(t: RemoteTensor) -> None:
+    """Give `t` a server tensor object of its own before an op changes its metadata (it shared
+    one with a `detach` alias, see `Handle`): the server's `detach` makes one, same storage."""
+    session = t._h.session
+    hid = session.conn.new_handle()
+    session.conn.op("aten::detach", [t], {}, [hid])
+    t._h = Handle(hid, session)
+
+
+def _detach(func: Any, args: tuple, kwargs: dict) -> Any:
+    """`detach` without a remote op: a new wrapper on the same handle (Note in `Handle`).
+
+    Autograd detaches every gradient it accumulates and every output it saves (12 of the 57 ops
+    of a small MLP's training step)."""
+    x = args[0]
+    if not isinstance(x, RemoteTensor):
+        return run_remote(func, args, kwargs)
+    x._h.shared = True
+    r = RemoteTensor(x._h, x.shape, x.stride(), x.storage_offset(), x.dtype, x.device)
+    if x._bits:
+        meta.set_bits(r, x._bits)
+        r._bits = x._bits
+    return r
 
 
 def _launch(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: Session, p: meta.Plan) -> Any:
@@ -583,6 +633,7 @@ SPECIAL: dict[Any, Callable[[Any, tuple, dict], Any]] = {
     aten._local_scalar_dense.default: _local_scalar_dense,
     aten.is_pinned.default: _is_pinned,
     aten.record_stream.default: lambda f, a, k: None,
+    aten.detach.default: _detach,
 }
 _SPECIAL_IDS = {id(k): v for k, v in SPECIAL.items()}
 

@@ -46,11 +46,16 @@ def _load_item() -> Callable[[RemoteTensor], Any]:
 
 
 class Handle:
-    __slots__ = ("id", "session", "__weakref__")
+    """A server tensor object. Note: `detach` results share their source's handle (no remote op:
+    same storage, same metadata); `shared` marks such a handle, and an op that could change a
+    written tensor's metadata first gives that tensor a handle of its own (`dispatch._unshare`)."""
+
+    __slots__ = ("id", "session", "shared", "__weakref__")
 
     def __init__(self, hid: int, session: Session) -> None:
         self.id = hid
         self.session = session
+        self.shared = False
 
     def __del__(self) -> None:
         try:
