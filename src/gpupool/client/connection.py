@@ -234,8 +234,7 @@ class Connection:
     def command(self, cmd: Any, buffer: memoryview | None = None, flush: bool = False) -> None:
         with self._lock:
             self._check_open()
-            if self.frees:  # Note [Ordering]: they died before this command was made
-                self._queue_frees()
+            self._queue_frees()  # Note [Ordering]: they died before this command was made
             self._cmds.append(msgspec.Raw(m.plain_encoder.encode(cmd)))
             if buffer is not None:
                 self._bufs.append(buffer)
@@ -262,8 +261,7 @@ class Connection:
             self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Free(frees))))
 
     def _flush_locked(self) -> None:
-        if self.frees:
-            self._queue_frees()
+        self._queue_frees()
         cmds = self._cmds
         if not cmds:
             return
@@ -288,8 +286,7 @@ class Connection:
         """
         self._reader.deadline = time.monotonic() + 1.0
         try:
-            msg, _ = self._reader.read_message()
-            reply = m.decode(_reply_decoder, msg, "reply from the server")
+            reply = self._read_reply()
         except (GpupoolError, OSError):
             return None
         finally:
@@ -324,13 +321,11 @@ class Connection:
             self._check_open()
             # Note: frees go *before* the request: their tensors died before it was made, so no
             # queued command still uses them, and the reply (e.g. memory in use) reflects them.
-            if self.frees:
-                self._queue_frees()
+            self._queue_frees()
             self._cmds.append(raw)
             self._flush_locked()
             try:
-                msg, _ = self._reader.read_message()
-                reply = m.decode(_reply_decoder, msg, "reply from the server")
+                reply = self._read_reply()
                 if type(reply) is m.Refused:
                     raise self._refused(reply)
                 err = getattr(reply, "error", None)

@@ -162,8 +162,6 @@ def flush_all() -> None:
     """Send every open session's queued commands now (Note [Flush latency] in connection.py).
     A session that is closed or lost is left alone: its next use says so."""
     for s in list(_sessions.values()):
-        if s.conn.closed or s.conn.lost is not None:
-            continue
         try:
             s.conn.flush()
         except GpupoolError:

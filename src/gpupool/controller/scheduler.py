@@ -1,8 +1,8 @@
 """Placement and queueing as pure functions over a snapshot of the pool (no I/O, no clock).
 
-The pipeline follows the Kubernetes scheduler framework: `filter_candidates` keeps the GPUs that
-can take one GPU's share of a request, `score_gpu`/`score_server` order them, and `place` binds a
-request to the best server. The store builds a `Snapshot` inside a transaction, runs
+The pipeline follows the Kubernetes scheduler framework: `server_candidates` keeps a server's
+GPUs that can take one GPU's share of a request, `score_gpu`/`score_server` order them, and
+`place` binds a request to the best server. The store builds a `Snapshot` inside a transaction, runs
 `schedule_queue`, and writes the grants back in the same transaction.
 
 Rules (docs/controller.md has the long form):
@@ -223,18 +223,6 @@ def gpu_matches(req: Request, server: ServerView, gpu: GpuView) -> bool:
 def server_candidates(req: Request, server: ServerView) -> list[GpuView]:
     """The GPUs of `server` that match the request's filters and can take one share now."""
     return [g for g in server.gpus if gpu_matches(req, server, g) and gpu_fits(req.share, g)]
-
-
-def filter_candidates(req: Request, snap: Snapshot) -> list[tuple[ServerView, list[GpuView]]]:
-    """Per usable server that passes the filters: its GPUs that match and can take one share now."""
-    out = []
-    for s in snap.servers:
-        if not s.usable or not server_matches(req, s):
-            continue
-        gpus = server_candidates(req, s)
-        if gpus:
-            out.append((s, gpus))
-    return out
 
 
 # -- score --------------------------------------------------------------------------------------

@@ -237,6 +237,8 @@ _Q_END_LEASE = update(_leases).where(_leases.c.id == bindparam("lid")).values(
 _Q_ENTRY_DONE = update(_queue).where(_queue.c.id == bindparam("qid")).values(
     state=bindparam("state"), code=bindparam("code"), reason=bindparam("reason"), lease_id=bindparam("lid"))
 _I_QUEUE, _I_LEASE, _I_LEASE_GPU = insert(_queue), insert(_leases), insert(_lease_gpus)
+_Q_TOKEN = select(_tokens.c.id, _tokens.c.user, _tokens.c.role, _tokens.c.revoked_at,
+                  _tokens.c.expires_at).where(_tokens.c.hash == bindparam("hash"))
 
 _SQLITE: dict[tuple[int, tuple[str, ...]], tuple[Any, str, tuple[str, ...]]] = {}
 
@@ -266,8 +268,6 @@ def _run(c: Connection, stmt: Any, params: dict[str, Any] | None = None,
         return []
     full = compiled.construct_params(first)
     return raw.execute(sql, [full[n] for n in names]).fetchall()
-_Q_TOKEN = select(_tokens.c.id, _tokens.c.user, _tokens.c.role, _tokens.c.revoked_at,
-                  _tokens.c.expires_at).where(_tokens.c.hash == bindparam("hash"))
 
 
 # -- values returned ----------------------------------------------------------------------------
@@ -452,16 +452,19 @@ class _PoolTxn:
 
     @property
     def next_version(self) -> int:
-        return (self.version or 0) + 1
+        assert self.version is not None
+        return self.version + 1
 
     def change(self, snap: sched.Snapshot | None = None) -> None:
         """The pool changed: to `snap`, or (None) to something only a re-read knows."""
         self.snap, self.changed = snap, True
 
     def cache_after_commit(self) -> tuple[int, sched.Snapshot] | None:
-        if self.snap is None or (self.version is None and not self.changed):
+        """What the store may keep after the commit: nothing without a version row (before
+        `init` made one), as no later writer could tell whether it is current."""
+        if self.snap is None or self.version is None:
             return None
-        return (self.next_version if self.changed else self.version or 0), self.snap
+        return (self.next_version if self.changed else self.version), self.snap
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -827,7 +830,7 @@ class Store:
         n = 0
         for lr in list(s.scalars(select(LeaseRow).where(LeaseRow.state == "active", LeaseRow.expires_at <= now))):
             lr.state, lr.ended_at = "expired", lr.expires_at
-            self._end_lease(s, lr.id, lr.server_id, lr.address, lr.exclusive)
+            self._end_lease(s, lr)
             n += 1
         # A request with wait 0 has deadline == now: it is still considered once, then refused.
         for q in s.scalars(select(QueueRow).where(QueueRow.state == "waiting", QueueRow.deadline < now)):
@@ -850,23 +853,23 @@ class Store:
         n = 0
         for lr in list(s.scalars(select(LeaseRow).where(LeaseRow.id.in_(ids), LeaseRow.state == "active"))):
             lr.state, lr.ended_at = state, now
-            self._end_lease(s, lr.id, lr.server_id, lr.address, lr.exclusive)
+            self._end_lease(s, lr)
             n += 1
         s.flush()
         return n
 
-    def _end_lease(self, s: Session, lease_id: str, server_id: str, address: str, exclusive: bool,
-                   held: Sequence[tuple[str, int]] | None = None) -> None:
+    def _end_lease(self, s: Session, lr: Any, held: Sequence[tuple[str, int]] | None = None) -> None:
         """An active lease has just ended (its row says so): its bytes go back to the pool
-        snapshot of the transaction. `held`: its (GPU id, bytes), when the caller has read them."""
+        snapshot of the transaction. `lr`: its row, ORM or Core (`id`, `server_id`, `address`,
+        `exclusive`); `held`: its (GPU id, bytes), when the caller has read them."""
         pool: _PoolTxn = s.info["pool"]
         if pool.snap is None:
             pool.change(None)
             return
         if held is None:
-            held = [(g, b) for g, b in _run(self._conn(s), _Q_LEASE_GPUS, {"id": lease_id})]
+            held = [(g, b) for g, b in _run(self._conn(s), _Q_LEASE_GPUS, {"id": lr.id})]
         grants = tuple(sched.GpuGrant(gpu_id, 0, "", nbytes) for gpu_id, nbytes in held)
-        pool.change(sched.unapply(pool.snap, sched.Placement(server_id, address, grants, exclusive)))
+        pool.change(sched.unapply(pool.snap, sched.Placement(lr.server_id, lr.address, grants, lr.exclusive)))
 
     def _pool_changed(self, s: Session) -> None:
         """Servers or GPUs changed: the snapshot is read again when next needed."""
@@ -1106,7 +1109,7 @@ class Store:
     def _lease_row(self, s: Session, lease_id: str, caller: Principal) -> LeaseRow:
         lr = s.get(LeaseRow, lease_id)
         if lr is None or (lr.user != caller.user and not caller.admin):
-            raise NotFound(f"no lease {lease_id!r} (yours are listed by `gpupool list --leases`)", "not_found", 404)
+            raise _no_lease(lease_id)
         return lr
 
     def _lease_info(self, s: Session, lr: LeaseRow, now: float) -> LeaseInfo:
@@ -1156,14 +1159,12 @@ class Store:
             c = self._conn(s)
             lr = c.execute(_Q_LEASE, {"id": lease_id}).first()
             if lr is None or (lr.user != caller.user and not caller.admin):
-                self._lease_row(s, lease_id, caller)  # raises NotFound
-            assert lr is not None
+                raise _no_lease(lease_id)
             if lr.state != "active":
                 raise LeaseExpired(f"lease {lease_id} had already ended ({_ended_words(lr.state)})")
             gpus = tuple(LeaseGpuInfo(*g) for g in _run(c, _Q_LEASE_GPU_INFO, {"id": lease_id}))
             _run(c, _Q_END_LEASE, {"lid": lease_id, "state": "released", "ended_at": now})
-            self._end_lease(s, lr.id, lr.server_id, lr.address, lr.exclusive,
-                            [(g.gpu_id, g.bytes) for g in gpus])
+            self._end_lease(s, lr, [(g.gpu_id, g.bytes) for g in gpus])
             self._schedule(s, now)
             names = _run(c, _Q_SERVER_NAME, {"id": lr.server_id})
             server = names[0][0] if names else ""
@@ -1178,6 +1179,10 @@ class Store:
                 "leases_active": len(list(s.scalars(active))),
                 "queue_waiting": len(list(s.scalars(select(QueueRow.id).where(QueueRow.state == "waiting")))),
             }
+
+
+def _no_lease(lease_id: str) -> NotFound:
+    return NotFound(f"no lease {lease_id!r} (yours are listed by `gpupool list --leases`)", "not_found", 404)
 
 
 def _ended_words(state: str) -> str:

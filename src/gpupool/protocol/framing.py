@@ -76,10 +76,8 @@ class FrameWriter:
         """Send one frame: small parts go out in one write, large buffers without a copy."""
         if not buffers:
             # The common frame (a batch of commands, a reply): one write, no buffer bookkeeping.
-            if len(message) > MAX_MESSAGE_FORMAT:
-                raise ProtocolError(f"message of {len(message)} bytes does not fit in one frame")
             try:
-                self._sock.sendall(b"".join((_HEAD.pack(MAGIC, 0, len(message)), message)))
+                self._sock.sendall(encode_header(len(message), ()) + message)
             except OSError as e:
                 raise ServerLost(f"connection lost while sending: {e}") from e
             return

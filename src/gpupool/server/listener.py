@@ -79,22 +79,16 @@ def _lifeline() -> int:
     workers are started by short-lived threads (refills, handshakes), so a worker that set it
     before its starting thread ended was killed with it (a spare lost under load, or a session).
     """
+    global _life
     with _life_lock:
-        if _life_r is None or _life_pid != os.getpid():
-            _set_lifeline(*os.pipe())
-        assert _life_r is not None
-        return _life_r
+        if _life is None or _life[0] != os.getpid():  # a forked child makes its own
+            r, w = os.pipe()
+            _life = (os.getpid(), r, w)
+        return _life[1]
 
 
 _life_lock = threading.Lock()
-_life_r: int | None = None
-_life_w: int | None = None
-_life_pid = 0
-
-
-def _set_lifeline(r: int, w: int) -> None:
-    global _life_r, _life_w, _life_pid
-    _life_r, _life_w, _life_pid = r, w, os.getpid()
+_life: tuple[int, int, int] | None = None  # (pid, read end, write end), write end never closed
 
 
 class _Spare:
