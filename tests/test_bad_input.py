@@ -430,9 +430,9 @@ def test_typed_arguments_cannot_smuggle_raw_values(srv, healthy, victim) -> None
     """A dtype as a bare integer, a device as a string: checked before aten sees them."""
     conn = victim.conn
     for kwargs, expect in [
-        ({"dtype": 1000}, "'dtype' of aten::empty must be a dtype"),
+        ({"dtype": 1000}, "'dtype' of aten::empty.memory_format must be a dtype"),
         ({"memory_format": 99}, "must be a memory_format"),
-        ({"device": "meta"}, "'device' of aten::empty must be a device"),
+        ({"device": "meta"}, "'device' of aten::empty.memory_format must be a device"),
         ({"device": "cuda:1"}, "must be a device"),
     ]:
         conn.op("aten::empty.memory_format", [[4]], kwargs, [conn.new_handle()])

@@ -366,16 +366,36 @@ def test_ledger_follows_resizes_out_ops_and_set() -> None:
     assert ex.memory_used() == 0 and len(ex.ledger) == 0
 
 
-def test_in_place_growth_past_the_share_is_reported() -> None:
+def test_out_growth_past_the_share_is_refused_before_it_is_made() -> None:
+    """The attack: `zeros.out` / `add.out` with a small `out` grew a session to 6.5x its share,
+    and the growth was kept. Now an out= op is sized on meta tensors first."""
+    ex = Executor(torch.device("cpu"), 1 * MiB)
+    _op(ex, "aten::empty.memory_format", [[0]], [1])
+    _op(ex, "aten::ones", [[200_000]], [2])
+    for name, args in [("aten::add.out", [Ref(2), Ref(2)]), ("aten::zeros.out", [[64 * MiB]])]:
+        with pytest.raises(OpFailed, match="this needs") as ei:
+            _op(ex, name, args, [-1], out=Ref(1))
+        assert ei.value.kind == "oom"
+        assert ex.memory_used() == 800_000 and ex.ledger.peak == 800_000  # never allocated
+        assert ex.table[1].shape == (0,)
+    _op(ex, "aten::ones", [[16]], [3])
+
+
+def test_growth_no_check_foresaw_is_rolled_back(monkeypatch) -> None:
+    """Where the meta kernel cannot size an out= op, the op runs, and growth past the budget is
+    given back: the output gets its old storage size and shape again."""
+    from gpupool.server import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "out_growth", lambda spec, args, kwargs: 0)
     ex = Executor(torch.device("cpu"), 1 * MiB)
     _op(ex, "aten::empty.memory_format", [[0]], [1])
     _op(ex, "aten::ones", [[200_000]], [2])
     with pytest.raises(OpFailed, match="out of memory"):
-        _op(ex, "aten::add.out", [Ref(2), Ref(2)], [-1], out=Ref(1))  # out= is not pre-checked
-    assert ex.memory_used() == 1_600_000  # counted, so the program learns and can free it
-    ex.handle(m.Free([1]), None, None)  # type: ignore[arg-type]
+        _op(ex, "aten::add.out", [Ref(2), Ref(2)], [-1], out=Ref(1))
     assert ex.memory_used() == 800_000
-    _op(ex, "aten::ones", [[16]], [3])
+    assert ex.table[1].shape == (0,) and ex.table[1].untyped_storage().nbytes() == 0
+    _op(ex, "aten::add.out", [Ref(2), Ref(2)], [-1], out=Ref(2))  # in place: no growth
+    assert ex.memory_used() == 800_000
 
 
 def test_forged_views_and_foreign_devices_are_refused() -> None:
@@ -519,13 +539,13 @@ def test_lease_end_during_a_frame_waits_until_the_frame_is_out() -> None:
 def test_a_worker_outlives_the_thread_that_started_it() -> None:
     """Workers are started by short-lived threads (spare refills, handshakes): the end of that
     thread must not end the worker, only the end of the listener's process does (Note in
-    `listener._lifeline`; Linux's PR_SET_PDEATHSIG fires on the thread's end)."""
-    from gpupool.server.listener import _Spare
+    `workers._lifeline`; Linux's PR_SET_PDEATHSIG fires on the thread's end)."""
+    from gpupool.server.workers import Spare
 
-    made: list[_Spare] = []
+    made: list[Spare] = []
 
     def start() -> None:
-        made.append(_Spare())
+        made.append(Spare())
         time.sleep(3)  # the worker is well into its start-up when this thread ends
 
     t = threading.Thread(target=start)

@@ -14,9 +14,9 @@ allocated for them (`recv_into` in slices of at most 256 KiB, the fastest way me
 loopback). The reader enforces that every announced buffer byte is consumed or skipped before the
 next frame, so a consumer that fails half-way cannot desynchronise the stream.
 
-Note [No read-ahead]: the reader never receives a byte past the end of what it was asked for; it
-keeps no user-space buffer. The listener relies on this: it reads the `Hello` frame and then
-hands the socket to a worker process, which must find the next frame's first byte in the kernel.
+A reader may read ahead of the frame it was asked for (Note [Read-ahead]); the listener's
+handshake reader does not, since it hands the socket to a worker process, which must find the
+next frame's first byte in the kernel.
 """
 
 from __future__ import annotations
@@ -154,6 +154,11 @@ class FrameReader:
     def pending_buffers(self) -> list[int]:
         """Sizes of the buffers of the current frame not yet consumed."""
         return list(self._pending)
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes of the next frame were read ahead (a poll of the socket would miss them)."""
+        return self._end > self._start
 
     @property
     def has_pending_buffers(self) -> bool:

@@ -41,15 +41,22 @@ MAX_EXT_BYTES = 64 * 1024
 # ---- handshake -------------------------------------------------------------------------------
 
 
-class Hello(msgspec.Struct, tag="hello", frozen=True):
+class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True):
     """`lease`: a controller-signed lease (pool mode); `gpu`: which of its GPUs this session uses.
-    Without a lease, `token` must be the server's static token."""
+    Without a lease, `token` must be the server's static token.
+
+    With `hold` (and a lease), the connection is the lease holder's lifeline, not a session: the
+    server answers `Welcome`, then sends nothing until the lease ends. When a hold connection
+    closes while its lease is still active (`gpupool run` was killed), the server ends the lease's
+    sessions and tells the controller, so the GPU is free at once instead of at the lease's expiry.
+    """
 
     protocol: int
     token: str
     client: str = ""
     lease: str = ""
     gpu: int = 0
+    hold: bool = False
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):

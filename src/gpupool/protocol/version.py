@@ -1,3 +1,3 @@
 """Protocol version: bumped on any incompatible change to framing or messages."""
 
-PROTOCOL_VERSION = 2  # 2: `op` carries `frees`
+PROTOCOL_VERSION = 3  # 2: `op` carries `frees`; 3: op allowlist, `hello.hold`, one worker per lease

@@ -1,28 +1,30 @@
 """Executes one session's command stream against a handle table on one device.
 
-One `Executor` lives in each session's worker process. It is driven by `serve()` with a frame
-reader and writer; everything it does with untrusted input is validated here.
+One `Executor` per session, in its lease's worker process (`worker.py`), driven frame by frame
+(`serve_frame`); everything it does with untrusted input is validated here.
 
 Note [Errors are deferred]: like a CUDA stream, commands run asynchronously from the client's
 point of view. The first failure since the last reply is kept in `self.error` and returned with
 the next reply (a sync point); later commands still run, and those that use a handle a failed
 command should have produced fail too (their errors are not reported: the first is the cause).
 
-Note [Checks around an op]: before an op runs, its typed arguments are checked (a device must be
-the session's own; dtype, layout and memory format must be the decoded torch objects, never raw
-integers that aten would take as out-of-range enum values) and, for ops whose output size
-follows from their arguments (factories, `repeat`, `clone`, ...), the bytes it will allocate are
-checked against the share. After it ran, views are checked to lie inside their storage, tensors
-it wrote to are re-measured, and the share is checked again.
+Note [Checks around an op]: before an op runs, the op policy (`oppolicy.py`) has judged its
+resolved overload, and its arguments are checked: a device must be the session's own; dtype,
+layout and memory format must be the decoded torch objects, never raw integers that aten would
+take as out-of-range enum values; strings one of their listed values; no generator. Kernels
+that trust their integer arguments get them sanitised (Note [Sanitisers]). Ops whose output
+size follows from their arguments (factories, `repeat`, `clone`, ...) and `out=` ops (sized on
+meta tensors) are refused before they allocate past the lease's budget. After it ran, every
+result must be a strided dense tensor on the session's device (views inside their storage),
+tensors it wrote to are re-measured, and the budget is checked again: an op that broke it
+leaves no result behind and gives back what it grew.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -31,16 +33,10 @@ import torch
 from gpupool.errors import ProtocolError, ServerLost
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter
-from gpupool.protocol.ops import check_op_name
-from gpupool.server.memory import StorageLedger
-from gpupool.torchcodec import (
-    DTYPE_TO_NAME,
-    DTYPES,
-    LAYOUTS,
-    MEMORY_FORMATS,
-    host_bytes,
-    resolve_op,
-)
+from gpupool.server.memory import Budget
+from gpupool.server.oppolicy import TYPED_KINDS, OpDenied, OpPolicy, OpSpec, out_growth
+from gpupool.server.sanitisers import Bound, SanitiserRefused
+from gpupool.torchcodec import DTYPE_TO_NAME, DTYPES, LAYOUTS, MEMORY_FORMATS, host_bytes
 from gpupool.units import format_bytes
 
 log = logging.getLogger("gpupool.server")
@@ -69,206 +65,6 @@ def _ext_payload_name(data: memoryview, allowed: dict[str, Any], what: str) -> A
         raise msgspec.ValidationError(f"unknown {what} {bytes(data)[:40]!r}") from None
 
 
-# ---- what the executor knows about each op ---------------------------------------------------
-
-_TYPED_KINDS = {"Device": "device", "ScalarType": "dtype", "Layout": "layout", "MemoryFormat": "memory_format"}
-_KIND_TYPES: dict[str, type] = {
-    "device": torch.device,
-    "dtype": torch.dtype,
-    "layout": torch.layout,
-    "memory_format": torch.memory_format,
-}
-
-#: Estimates the bytes an op will allocate from its bound arguments; None when it cannot tell.
-Estimator = Callable[["Executor", Callable[[str], Any]], "int | None"]
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """An allowed op and what the executor checks around it (computed once per op name)."""
-
-    fn: torch._ops.OpOverload
-    names: tuple[str, ...]  # schema argument names, by position
-    typed: tuple[tuple[int, str, str], ...]  # (position, name, kind) of device/dtype/... args
-    writes: tuple[tuple[int, str], ...]  # (position, name) of tensor args the op writes to
-    views: bool  # some output aliases an input
-    estimate: Estimator | None
-
-
-def _spec(name: str, fn: torch._ops.OpOverload) -> OpSpec:
-    schema = fn._schema
-    names = tuple(a.name for a in schema.arguments)
-    typed = []
-    writes = []
-    for i, a in enumerate(schema.arguments):
-        real = str(getattr(a, "real_type", a.type))
-        inner = real[len("Optional[") : -1] if real.startswith("Optional[") else real
-        if inner in _TYPED_KINDS:
-            typed.append((i, a.name, _TYPED_KINDS[inner]))
-        elif any(k in real for k in _TYPED_KINDS):
-            # A list or other container of these: no aten op in torch 2.13 has one. Refuse
-            # rather than pass unchecked enum values to C++.
-            raise OpFailed("denied", f"{name} takes {real} arguments, which gpupool cannot check")
-        if a.alias_info is not None and a.alias_info.is_write:
-            writes.append((i, a.name))
-    views = any(r.alias_info is not None for r in schema.returns)
-    base = schema.name.partition("::")[2]
-    overload = fn._overloadname
-    estimate = None if overload.endswith("out") else _ESTIMATORS.get(base)
-    return OpSpec(fn, names, tuple(typed), tuple(writes), views, estimate)
-
-
-def _numel(size: Any) -> int | None:
-    if type(size) is int:
-        return size if size >= 0 else None
-    if not isinstance(size, list):
-        return None
-    n = 1
-    for s in size:
-        if type(s) is not int or s < 0:
-            return None
-        n *= s
-    return n
-
-
-def _itemsize(dtype: Any, default: torch.dtype) -> int:
-    return (dtype if isinstance(dtype, torch.dtype) else default).itemsize
-
-
-def _by_size(default: Callable[[Callable[[str], Any]], torch.dtype] | None = None) -> Estimator:
-    def est(ex: Executor, get: Callable[[str], Any]) -> int | None:
-        n = _numel(get("size"))
-        if n is None:
-            return None
-        if default is not None:
-            dflt = default(get)
-        else:
-            dflt = torch.get_default_dtype()
-        return n * _itemsize(get("dtype"), dflt)
-
-    return est
-
-
-def _self_dtype(get: Callable[[str], Any]) -> torch.dtype:
-    t = get("self")
-    return t.dtype if isinstance(t, torch.Tensor) else torch.get_default_dtype()
-
-
-def _full_dtype(get: Callable[[str], Any]) -> torch.dtype:
-    v = get("fill_value")
-    if isinstance(v, bool):
-        return torch.bool
-    if isinstance(v, int):
-        return torch.int64
-    if isinstance(v, complex):
-        return torch.complex128 if torch.get_default_dtype() == torch.float64 else torch.complex64
-    return torch.get_default_dtype()
-
-
-def _strided(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    size, stride = get("size"), get("stride")
-    if _numel(size) is None or not isinstance(stride, list) or len(stride) != len(size):
-        return None
-    if any(type(s) is not int for s in stride):
-        return None
-    if 0 in size:
-        return 0
-    span = 1 + sum((s - 1) * abs(st) for s, st in zip(size, stride))
-    t = get("self")
-    dflt = t.dtype if isinstance(t, torch.Tensor) else torch.get_default_dtype()
-    return span * _itemsize(get("dtype"), dflt)
-
-
-def _arange(ex: Executor, get: Callable[[str], Any], inclusive: bool = False) -> int | None:
-    start, end, step = get("start"), get("end"), get("step")
-    start = 0 if start is None else start
-    step = 1 if step is None else step
-    nums = (start, end, step)
-    if not all(isinstance(v, (int, float)) for v in nums):
-        return None
-    try:
-        n = math.floor((end - start) / step) + 1 if inclusive else math.ceil((end - start) / step)
-    except (ZeroDivisionError, OverflowError, ValueError):
-        return None
-    all_int = all(isinstance(v, int) for v in nums)
-    return max(n, 0) * _itemsize(get("dtype"), torch.int64 if all_int else torch.get_default_dtype())
-
-
-def _steps(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    n = _numel(get("steps"))
-    return None if n is None else n * _itemsize(get("dtype"), torch.get_default_dtype())
-
-
-def _randperm(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    n = _numel(get("n"))
-    return None if n is None else n * _itemsize(get("dtype"), torch.int64)
-
-
-def _eye(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    n, k = _numel(get("n")), _numel(get("m") if get("m") is not None else get("n"))
-    return None if n is None or k is None else n * k * _itemsize(get("dtype"), torch.get_default_dtype())
-
-
-def _like(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    t = get("self")
-    if not isinstance(t, torch.Tensor):
-        return None
-    return t.numel() * _itemsize(get("dtype"), t.dtype)
-
-
-def _repeat(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    t, reps = get("self"), get("repeats")
-    if not isinstance(t, torch.Tensor) or _numel(reps) is None:
-        return None
-    return t.numel() * _numel(reps) * t.element_size()  # type: ignore[operator]
-
-
-def _resize(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    t = get("self")
-    n = _numel(get("size"))
-    if not isinstance(t, torch.Tensor) or n is None:
-        return None
-    new = (t.storage_offset() + n) * t.element_size()
-    return max(0, new - t.untyped_storage().nbytes())
-
-
-def _cat(ex: Executor, get: Callable[[str], Any]) -> int | None:
-    ts = get("tensors")
-    if not isinstance(ts, list) or not all(isinstance(t, torch.Tensor) for t in ts):
-        return None
-    return sum(t.numel() for t in ts) * max((t.element_size() for t in ts), default=0)
-
-
-_ESTIMATORS: dict[str, Estimator] = {
-    **{
-        n: _by_size()
-        for n in ("empty", "zeros", "ones", "rand", "randn", "empty_permuted", "normal")
-    },
-    "full": _by_size(_full_dtype),
-    "randint": _by_size(lambda get: torch.int64),
-    **{n: _by_size(_self_dtype) for n in ("new_empty", "new_zeros", "new_ones", "new_full")},
-    "empty_strided": _strided,
-    "new_empty_strided": _strided,
-    "arange": _arange,
-    "range": lambda ex, get: _arange(ex, get, inclusive=True),
-    "linspace": _steps,
-    "logspace": _steps,
-    "randperm": _randperm,
-    "eye": _eye,
-    **{
-        n: _like
-        for n in (
-            "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
-            "randint_like", "clone", "_to_copy",
-        )
-    },
-    "repeat": _repeat,
-    "resize_": _resize,
-    "cat": _cat,
-    "stack": _cat,
-}
-
-
 def _in_bounds(t: torch.Tensor) -> bool:
     """Whether every element of `t` lies inside its storage (false for a forged view)."""
     if t.layout != torch.strided or t.numel() == 0:
@@ -292,17 +88,42 @@ def _tolerated_elsewhere(t: torch.Tensor) -> bool:
 _ALLOC_BYTES = re.compile(r"allocate (\d+) bytes")
 
 
+class _Snapshot:
+    """A written tensor's storage size and layout before an op that may grow it."""
+
+    __slots__ = ("storage", "nbytes", "offset", "size", "stride")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.storage = t.untyped_storage()
+        self.nbytes = self.storage.nbytes()
+        self.offset, self.size, self.stride = t.storage_offset(), t.size(), t.stride()
+
+    def restore(self, t: torch.Tensor) -> None:
+        if self.storage.nbytes() > self.nbytes:
+            self.storage.resize_(self.nbytes)
+        t.set_(self.storage, self.offset, self.size, self.stride)
+
+
 class Executor:
-    def __init__(self, device: torch.device, memory_limit: int) -> None:
+    """One session's handle table and error state, drawing on its lease's `Budget`."""
+
+    def __init__(self, device: torch.device, budget: Budget | int, policy: OpPolicy | None = None,
+                 record: bool = False) -> None:
         self.device = device
-        self.memory_limit = memory_limit
+        self.budget = budget if isinstance(budget, Budget) else Budget(device, budget)
         self.table: dict[int, torch.Tensor] = {}
         self.error: m.ErrorInfo | None = None
-        self.ledger = StorageLedger()
+        self.ledger = self.budget.ledger
+        self._key = self.budget.new_session() << 64  # this session's ledger keys: key | handle
         self.is_cuda = device.type == "cuda"
-        self._ops: dict[str, OpSpec] = {}
+        self.policy = policy or OpPolicy()
+        self.ran: set[str] | None = set() if record else None  # canonical names of ops that ran
         self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
         self.encoder = m.make_encoder(enc_hook=self._enc_hook)
+
+    @property
+    def memory_limit(self) -> int:
+        return self.budget.limit
 
     # ---- decoding ---------------------------------------------------------------------------
 
@@ -374,31 +195,32 @@ class Executor:
 
     def _store(self, handle: int, t: torch.Tensor) -> None:
         if handle in self.table and not self.is_cuda:
-            self.ledger.remove(handle)
+            self.ledger.remove(self._key | handle)
         self.table[handle] = t
         if not self.is_cuda:
-            self.ledger.add(handle, t)
+            self.ledger.add(self._key | handle, t)
 
     def _free(self, handle: int) -> None:
         if self.table.pop(handle, None) is not None and not self.is_cuda:
-            self.ledger.remove(handle)
+            self.ledger.remove(self._key | handle)
+
+    def close(self) -> None:
+        """Drop every tensor of this session (its lease's other sessions keep theirs)."""
+        for h in list(self.table):
+            self._free(h)
 
     def memory_used(self) -> int:
-        if self.is_cuda:
-            return int(torch.cuda.memory_allocated(self.device))
-        return self.ledger.used
+        return self.budget.used()
 
     def memory_peak(self) -> int:
-        if self.is_cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return self.ledger.peak
+        return self.budget.peak()
 
     def _oom(self, needed: int | None = None) -> OpFailed:
         used = self.memory_used()
         extra = f", and this needs {format_bytes(needed)} more" if needed else ""
         return OpFailed(
             "oom",
-            f"out of memory: this session's share is {format_bytes(self.memory_limit)} "
+            f"out of memory: this lease's share is {format_bytes(self.memory_limit)} "
             f"({self.memory_limit} bytes), {format_bytes(used)} of it in use{extra}. Free tensors, "
             "use smaller batches, or ask for a bigger share",
         )
@@ -430,52 +252,57 @@ class Executor:
         e, self.error = self.error, None
         return e
 
-    def _lookup_op(self, name: str) -> OpSpec:
-        spec = self._ops.get(name)
-        if spec is None:
-            reason = check_op_name(name)
-            if reason is not None:
-                raise OpFailed("denied", reason)
-            try:
-                fn = resolve_op(name)
-            except LookupError as e:
-                raise OpFailed("unknown_op", f"{e}: the server's torch {torch.__version__} has no such op") from None
-            spec = self._ops[name] = _spec(name, fn)
-        return spec
+    def _spec(self, name: str) -> OpSpec:
+        try:
+            return self.policy.spec(name)
+        except OpDenied as e:
+            raise OpFailed(e.kind, str(e)) from None
 
-    def _check_typed(self, spec: OpSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
+    def _check_args(self, spec: OpSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Typed enums must be the decoded torch objects, strings one of their listed values."""
         for i, name, kind in spec.typed:
             v = args[i] if i < len(args) else kwargs.get(name)
             if v is None:
                 continue
-            if type(v) is not _KIND_TYPES[kind]:
-                raise OpFailed("op", f"argument {name!r} of {spec.fn._schema.name} must be a {kind}, got {type(v).__name__}")
+            if type(v) is not TYPED_KINDS[kind]:
+                raise OpFailed("op", f"argument {name!r} of {spec.name} must be a {kind}, got {type(v).__name__}")
             if kind == "device" and v != self.device:
                 raise OpFailed("denied", f"a session may only use its own device, not {v}")
+        for i, name, values in spec.strings:
+            v = args[i] if i < len(args) else kwargs.get(name)
+            if v is not None and (type(v) is not str or v not in values):
+                shown = repr(v)[:40]
+                raise OpFailed("denied", f"argument {name!r} of {spec.name} must be one of {sorted(values)}, not {shown}")
+        for i, name in spec.generators:
+            if (args[i] if i < len(args) else kwargs.get(name)) is not None:
+                raise OpFailed("op", "explicit generators are not supported; use torch.manual_seed")
 
     def run_op(self, cmd: m.Op) -> tuple[list[torch.Tensor], list[Any]]:
-        spec = self._lookup_op(cmd.op)
-        if cmd.kwargs.get("generator") is not None:
-            raise OpFailed("op", "explicit generators are not supported; use torch.manual_seed")
+        """Run one op under Note [Checks around an op]; a failed op stores nothing."""
+        spec = self._spec(cmd.op)
         args = self._resolve(cmd.args)
         kwargs = {k: self._resolve(v) for k, v in cmd.kwargs.items()}
-        if spec.typed:
-            self._check_typed(spec, args, kwargs)
+        self._check_args(spec, args, kwargs)
+        fixup = None
+        if spec.sanitise is not None:
+            try:
+                fixup = spec.sanitise(Bound(spec.names, args, kwargs))
+            except SanitiserRefused as e:
+                raise OpFailed("denied", f"{spec.name}: {e}") from None
         if spec.estimate is not None:
-
-            def get(name: str) -> Any:
-                try:
-                    i = spec.names.index(name)
-                except ValueError:
-                    return None
-                return args[i] if i < len(args) else kwargs.get(name)
-
-            need = spec.estimate(self, get)
+            need = spec.estimate(lambda name: spec.arg(name, args, kwargs))
             if need is not None and self.memory_used() + need > self.memory_limit:
                 raise self._oom(need)
-        written = self._written(spec, cmd, args) if spec.writes else ()
+        written = self._written(spec, cmd, args) if spec.writes else []
+        if spec.out:
+            need = out_growth(spec, args, kwargs)
+            if need and self.memory_used() + need > self.memory_limit:
+                raise self._oom(need)
+        before = [_Snapshot(t) for _, t in written] if spec.out or spec.restrides else []
         try:
             result = spec.fn(*args, **kwargs)
+            if fixup is not None:
+                result = fixup(result)
         finally:
             if written:
                 self._refresh(written)
@@ -485,10 +312,7 @@ class Executor:
         if len(tensors) != len(cmd.outs) and not (cmd.reply and len(tensors) <= len(cmd.outs)):
             raise OpFailed("op", f"{cmd.op} returned {len(tensors)} tensors, the client expected {len(cmd.outs)}")
         for t in tensors:
-            if t.device != self.device and not _tolerated_elsewhere(t):
-                raise OpFailed("denied", f"{cmd.op} made a tensor on {t.device}, not on the session's device")
-            if spec.views and not _in_bounds(t):
-                raise OpFailed("denied", f"{cmd.op} made a view outside its tensor's storage")
+            self._check_result(spec, t)
         stored = []
         for h, t in zip(cmd.outs, tensors):
             if h >= 0:
@@ -497,8 +321,21 @@ class Executor:
         if self.memory_used() > self.memory_limit:
             for h in stored:
                 self._free(h)
+            self._roll_back(written, before)
             raise self._oom()
+        if self.ran is not None:
+            self.ran.add(spec.name)
         return tensors, values
+
+    def _check_result(self, spec: OpSpec, t: torch.Tensor) -> None:
+        """A result the session may keep: a strided dense tensor on its device, inside its
+        storage, of a dtype the wire can name (Note [Deny by default] in protocol/ops.py)."""
+        if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.dtype not in DTYPE_TO_NAME:
+            raise OpFailed("denied", f"{spec.name} made a {t.layout} {t.dtype} tensor: only strided dense tensors may be kept")
+        if t.device != self.device and not _tolerated_elsewhere(t):
+            raise OpFailed("denied", f"{spec.name} made a tensor on {t.device}, not on the session's device")
+        if spec.views and not _in_bounds(t):
+            raise OpFailed("denied", f"{spec.name} made a view outside its tensor's storage")
 
     def _written(self, spec: OpSpec, cmd: m.Op, args: list[Any]) -> list[tuple[int, torch.Tensor]]:
         """The handles (with their tensors) of the arguments `spec`'s op writes to."""
@@ -517,7 +354,15 @@ class Executor:
                 self._free(h)
                 raise OpFailed("denied", f"tensor handle {h} was changed to reach outside its storage")
             if not self.is_cuda and h in self.table:
-                self.ledger.refresh(h, t)
+                self.ledger.refresh(self._key | h, t)
+
+    def _roll_back(self, written: list[tuple[int, torch.Tensor]], before: list[_Snapshot]) -> None:
+        """Give back what an op that broke the budget grew: written tensors get their old
+        storage size and layout again (their contents are undefined, as after any failed op)."""
+        for (h, t), snap in zip(written, before):
+            snap.restore(t)
+            if not self.is_cuda and h in self.table:
+                self.ledger.refresh(self._key | h, t)
 
     def upload(self, cmd: m.Upload, reader: FrameReader) -> None:
         """Receive the next buffer; always consumes it, even when the command fails."""
@@ -618,18 +463,23 @@ class Executor:
         Raises `ProtocolError` for a stream that is not valid gpupool protocol; the caller ends
         the session with a `Refused` reply.
         """
-        while True:
-            try:
-                raw, _ = reader.read_message()
-            except ServerLost:
-                return  # client went away: the worker exits and the OS frees everything
-            batch = m.decode(self.decoder, raw, "command batch")
-            del raw
-            for cmd in batch.cmds:
-                if self.handle(cmd, reader, writer):
-                    return
-            if reader.has_pending_buffers:
-                raise ProtocolError("frame carries buffers no command asked for")
+        try:
+            while not self.serve_frame(reader, writer):
+                pass
+        except ServerLost:
+            return  # client went away: its tensors are dropped with the executor
+
+    def serve_frame(self, reader: FrameReader, writer: FrameWriter) -> bool:
+        """Read one frame and run its commands; True when the session ends (`Bye`)."""
+        raw, _ = reader.read_message()
+        batch = m.decode(self.decoder, raw, "command batch")
+        del raw
+        for cmd in batch.cmds:
+            if self.handle(cmd, reader, writer):
+                return True
+        if reader.has_pending_buffers:
+            raise ProtocolError("frame carries buffers no command asked for")
+        return False
 
     def handle(self, cmd: m.Command, reader: FrameReader, writer: FrameWriter) -> bool:
         """Execute one command; returns True when the session should end."""
@@ -640,20 +490,21 @@ class Executor:
                 self._free(h)
             try:
                 tensors, values = self.run_op(cmd)
-            except Exception as e:  # noqa: BLE001 - deferred to the next sync
+                metas = [_meta(x) for x in tensors] if cmd.reply else []
+            except Exception as e:  # noqa: BLE001 - deferred to the next sync (or this reply)
+                self._free_outs(cmd)
                 self._record(cmd.seq, cmd.op, e)
                 if cmd.reply:
                     writer.send(self.encoder.encode(m.OpResult(error=self._take_error())))
                 return False
             if cmd.reply:
                 err = self._take_error()
-                metas = [_meta(x) for x in tensors]
                 try:
                     encoded = self.encoder.encode(m.OpResult(error=err, metas=metas, values=values))
                 except TypeError as e:
-                    encoded = self.encoder.encode(
-                        m.OpResult(error=err or m.ErrorInfo(cmd.seq, cmd.op, "op", f"cannot send the result: {e}"))
-                    )
+                    self._free_outs(cmd)
+                    failed = m.ErrorInfo(cmd.seq, cmd.op, "op", f"cannot send the result: {e}")
+                    encoded = self.encoder.encode(m.OpResult(error=err or failed))
                 writer.send(encoded)
         elif t is m.Free:
             assert isinstance(cmd, m.Free)
@@ -714,6 +565,12 @@ class Executor:
         elif t is m.Bye:
             return True
         return False
+
+    def _free_outs(self, cmd: m.Op) -> None:
+        """Note: a failed op, or one whose result cannot be described, leaves no handle."""
+        for h in cmd.outs:
+            if h >= 0:
+                self._free(h)
 
     def _generator(self) -> torch.Generator:
         """The session's device generator: what random ops without `generator=` draw from."""

@@ -3,21 +3,19 @@
 Note [What the listener trusts]: nothing a client sends. A connection gets one `Hello` frame of
 at most 64 KiB within `handshake_timeout` seconds in total (however slowly its bytes arrive), at
 most `max_handshakes` connections are in their handshake at once, and everything after the
-handshake happens in the session's own worker process, so no session can block the accept loop,
-another handshake, or another session.
+handshake happens in the session's worker process (one per lease and device, Note [One budget
+per lease] in memory.py), so no session can block the accept loop, another handshake, or
+another lease's session. Who is admitted is decided by `admission.admit`.
 """
 
 from __future__ import annotations
 
 import errno
-import hmac
-import json
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,11 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupool.errors import GpupoolError, LeaseError, ProtocolError
+from gpupool.errors import GpupoolError, ProtocolError
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter, Limits
 from gpupool.protocol.version import PROTOCOL_VERSION
+from gpupool.server.admission import Grant, Holdings, Refusal, admit
+from gpupool.server.admission import Limits as AdmitLimits
 from gpupool.server.device import DeviceInfo
+from gpupool.server.holds import Holds
+from gpupool.server.workers import Spare, Worker, hand_off, read_worker_messages
 
 log = logging.getLogger("gpupool.server")
 
@@ -39,10 +41,6 @@ def _env_float(name: str, default: float) -> float:
         return float(os.environ.get(name, default))
     except ValueError:
         return default
-
-
-#: Environment a worker must not inherit: a session's process holds nothing it does not need.
-SECRET_ENV = ("GPUPOOL_TOKEN",)
 
 
 @dataclass
@@ -59,80 +57,9 @@ class ServerConfig:
     max_handshakes: int = 128
     #: Pool mode: checks a client's signed lease (raises a `LeaseError`) and returns its claims.
     verify_lease: Callable[[str], Any] | None = None
-
-
-@dataclass
-class _SessionRecord:
-    proc: subprocess.Popen[bytes]
-    device: DeviceInfo
-    lease_id: str = ""
-    expires_at: float = float("inf")  # wall-clock seconds; the lease's, kept current by heartbeats
-    ending: float = 0.0  # monotonic time the worker was told to end, 0 if not yet
-
-
-def _lifeline() -> int:
-    """The read end of this process's lifeline: a pipe whose write end only this process holds.
-
-    Note: a worker blocks reading it and exits at end-of-file, which comes when this process is
-    gone, however it ended (even SIGKILL): a session must not outlive its server. Not
-    PR_SET_PDEATHSIG: Linux sends that when the *thread* that started the worker ends, and
-    workers are started by short-lived threads (refills, handshakes), so a worker that set it
-    before its starting thread ended was killed with it (a spare lost under load, or a session).
-    """
-    global _life
-    with _life_lock:
-        if _life is None or _life[0] != os.getpid():  # a forked child makes its own
-            r, w = os.pipe()
-            _life = (os.getpid(), r, w)
-        return _life[1]
-
-
-_life_lock = threading.Lock()
-_life: tuple[int, int, int] | None = None  # (pid, read end, write end), write end never closed
-
-
-class _Spare:
-    """A worker process started ahead of time, waiting for a connection."""
-
-    def __init__(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-            life = _lifeline()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gpupool.server.worker", str(child.fileno()), str(life)],
-                pass_fds=[child.fileno(), life],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self.ctl = parent
-
-    def hand_off(self, conn: socket.socket, info: dict[str, Any]) -> bool:
-        """Give `conn` to the worker; False if it is gone (the caller then discards it)."""
-        if self.proc.poll() is not None:
-            return False
-        try:
-            socket.send_fds(self.ctl, [json.dumps(info).encode()], [conn.fileno()])
-        except OSError:
-            return False
-        finally:
-            self.ctl.close()
-        return True
-
-    def discard(self) -> None:
-        """End a worker that never got a session, and reap it."""
-        self.ctl.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    #: Pool mode: called (from a listener thread; must not block for long) with a lease id when
+    #: the lease's hold connection closed while the lease was active: its holder died.
+    on_lease_abandoned: Callable[[str], None] | None = None
 
 
 class Server:
@@ -141,17 +68,20 @@ class Server:
         self._sock = socket.create_server((config.host, config.port), backlog=128)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._lock = threading.Lock()
-        self._spare: _Spare | None = None
+        self._spare: Spare | None = None
         self._refilling = False
-        self._sessions: dict[str, _SessionRecord] = {}
+        self._workers: dict[tuple[str, int], Worker] = {}  # lease workers, by (lease, device)
+        self._sessions: dict[str, Worker] = {}  # every running session, by id
         self._reserved = 0  # sessions admitted whose worker is being handed the connection
+        self._ended_leases: set[str] = set()  # leases whose holder hung up (Note in holds.py)
+        self._holds = Holds(self._holder_gone)
         self._handshakes = threading.BoundedSemaphore(config.max_handshakes)
         self._stopping = threading.Event()
         self._next_device = 0
 
-    # ---- workers ----------------------------------------------------------------------------
+    # ---- spares -----------------------------------------------------------------------------
 
-    def _take_spare(self) -> _Spare:
+    def _take_spare(self) -> Spare:
         """The warm spare if there is one, else a new worker (slower: it imports torch)."""
         with self._lock:
             spare, self._spare = self._spare, None
@@ -159,7 +89,7 @@ class Server:
             spare.discard()
             spare = None
         if spare is None:
-            spare = _Spare()
+            spare = Spare()
         self._start_refill()
         return spare
 
@@ -173,9 +103,9 @@ class Server:
         threading.Thread(target=self._refill, name="gpupool-refill", daemon=True).start()
 
     def _refill(self) -> None:
-        fresh: _Spare | None = None
+        fresh: Spare | None = None
         try:
-            fresh = _Spare()
+            fresh = Spare()
         except OSError as e:
             log.error("cannot start a spare worker: %s", e)
         finally:
@@ -186,75 +116,76 @@ class Server:
         if fresh is not None:
             fresh.discard()
 
-    def _reap(self) -> None:
-        with self._lock:
-            for sid, rec in list(self._sessions.items()):
-                if rec.proc.poll() is not None:
-                    log.info("session %s ended (worker %d exit %s)", sid, rec.proc.pid, rec.proc.returncode)
-                    del self._sessions[sid]
+    # ---- what runs --------------------------------------------------------------------------
 
     def session_count(self) -> int:
         """Sessions whose worker is still running."""
-        self._reap()
         with self._lock:
             return len(self._sessions)
 
     def session_pids(self) -> dict[str, int]:
         """Worker process id of each running session, by session id."""
-        self._reap()
         with self._lock:
-            return {sid: rec.proc.pid for sid, rec in self._sessions.items()}
+            return {sid: w.proc.pid for sid, w in self._sessions.items()}
 
     def usage(self) -> list[dict[str, Any]]:
         """Sessions per device, for the controller's heartbeat."""
-        self._reap()
         with self._lock:
             counts = {d.index: 0 for d in self.config.devices}
-            for rec in self._sessions.values():
-                counts[rec.device.index] = counts.get(rec.device.index, 0) + 1
+            for w in self._sessions.values():
+                counts[w.device.index] = counts.get(w.device.index, 0) + 1
         return [{"index": i, "sessions": n} for i, n in counts.items()]
+
+    def _live_workers(self) -> list[Worker]:
+        with self._lock:
+            return list({id(w): w for w in self._sessions.values()}.values()) + [
+                w for w in self._workers.values() if not w.sessions
+            ]
 
     # ---- leases -----------------------------------------------------------------------------
 
     def sync_leases(self, active: dict[str, Any]) -> None:
         """The controller's view after a heartbeat: `active` maps lease id -> lease (with
-        `expires_at`). Sessions of leases no longer listed end now; the others get the renewed
-        expiry. Note [Lease expiry]: between heartbeats (or while the controller is away) the last
-        known expiry rules, so a session never outlives an unrenewed lease."""
-        with self._lock:
-            for rec in self._sessions.values():
-                if not rec.lease_id:
-                    continue
-                lease = active.get(rec.lease_id)
-                if lease is None:
-                    rec.expires_at = 0.0
-                else:
-                    rec.expires_at = float(lease.get("expires_at", rec.expires_at))
+        `expires_at`). Sessions and holds of leases no longer listed end now; the others get the
+        renewed expiry. Between heartbeats (or while the controller is away) the last known
+        expiry rules, so a session never outlives an unrenewed lease (Note [Lease expiry] in
+        controller/leases.py)."""
+        for w in self._live_workers():
+            if not w.lease_id:
+                continue
+            lease = active.get(w.lease_id)
+            w.expires_at = 0.0 if lease is None else float(lease.get("expires_at", w.expires_at))
+        for lease_id in self._holds.leases() - set(active):
+            self._holds.end(lease_id, m.Refused("lease", f"lease {lease_id} ended"))
         self.enforce_leases()
 
     def enforce_leases(self, now: float | None = None) -> int:
-        """End sessions whose lease expired or ended; returns how many were told to end."""
+        """End the workers whose lease expired or ended; returns how many were told to end."""
         now = time.time() if now is None else now
         ended = 0
-        with self._lock:
-            for sid, rec in self._sessions.items():
-                if rec.proc.poll() is not None or rec.expires_at > now:
-                    continue
-                if not rec.ending:
-                    # Note: SIGUSR1 makes the worker tell its client why, then exit.
-                    log.info("session %s: lease %s ended; ending the session", sid, rec.lease_id)
-                    rec.ending = time.monotonic()
-                    _signal(rec.proc, signal.SIGUSR1)
+        for w in self._live_workers():
+            if w.proc.poll() is None and w.expires_at <= now:
+                if w.tell_lease_ended():
+                    log.info("lease %s ended; ending its sessions (worker %d)", w.lease_id, w.proc.pid)
                     ended += 1
-                elif time.monotonic() - rec.ending > 5.0:
-                    _signal(rec.proc, signal.SIGKILL)
         return ended
+
+    def _holder_gone(self, lease_id: str) -> None:
+        """A lease's last hold closed while the lease was active: end it here and tell the pool."""
+        with self._lock:
+            self._ended_leases.add(lease_id)
+        for w in self._live_workers():
+            if w.lease_id == lease_id:
+                w.expires_at = 0.0
+        self.enforce_leases()
+        if self.config.on_lease_abandoned is not None:
+            threading.Thread(target=self.config.on_lease_abandoned, args=(lease_id,),
+                             name="gpupool-abandon", daemon=True).start()
 
     def _lease_watchdog(self) -> None:
         while not self._stopping.wait(0.5):
             try:
                 self.enforce_leases()
-                self._reap()
             except Exception:  # noqa: BLE001 - the watchdog must keep running
                 log.exception("lease watchdog")
 
@@ -314,110 +245,126 @@ class Server:
             log.exception("handshake with %s failed", peer)
         finally:
             self._handshakes.release()
-            conn.close()  # the worker holds its own copy of the descriptor
+            conn.close()  # a worker or the holds hold their own copy of the descriptor
 
-    def _admit(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+    def _read_hello(self, conn: socket.socket, peer: tuple[Any, ...]) -> m.Hello | None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.config.handshake_timeout
         # Note: no read-ahead: the connection goes to a worker, whose reader starts afresh.
         reader = FrameReader(conn, Limits(max_message=64 * 1024, max_buffers=0, max_buffer_bytes=0), deadline=deadline, readahead=0)
         try:
             raw, _ = reader.read_message()
-            hello = m.decode(m.hello_decoder, raw, "handshake")
+            hello: m.Hello = m.decode(m.hello_decoder, raw, "handshake")
+            return hello
         except ProtocolError as e:
             log.info("handshake from %s failed: %s", peer, e)
             self._refuse(conn, "protocol", f"bad handshake: {e}")
-            return
         except GpupoolError as e:  # ServerLost: closed, reset or too slow
             log.info("handshake from %s failed: %s", peer, e)
             self._refuse(conn, "protocol", f"no valid handshake within {self.config.handshake_timeout:g} s: {e}")
+        return None
+
+    def _admit(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+        hello = self._read_hello(conn, peer)
+        if hello is None:
             return
-        if hello.protocol != PROTOCOL_VERSION:
-            self._refuse(
-                conn,
-                "version",
-                f"client speaks protocol {hello.protocol}, this server {PROTOCOL_VERSION}: "
-                "install the same gpupool version on both",
-            )
-            return
-        grant: dict[str, Any] = {}
-        if hello.lease and self.config.verify_lease is not None:
-            try:
-                claims = self.config.verify_lease(hello.lease)
-            except LeaseError as e:
-                log.warning("refused %s: %s", peer, e)
-                self._refuse(conn, "lease", str(e))
-                return
-            if not 0 <= hello.gpu < len(claims.gpus):
-                self._refuse(conn, "lease", f"lease {claims.id} holds {len(claims.gpus)} GPU(s); GPU {hello.gpu} asked for")
-                return
-            g = claims.gpus[hello.gpu]
-            dev = next((d for d in self.config.devices if d.index == g.index), None)
-            if dev is None:
-                self._refuse(conn, "lease", f"lease {claims.id} names GPU {g.index}, which this server does not have")
-                return
-            grant = {"device": dev, "limit": min(g.bytes, dev.memory_total), "lease_id": claims.id, "expires_at": claims.expires_at}
-        elif not self.config.token or not hmac.compare_digest(hello.token.encode(), self.config.token.encode()):
-            log.warning("refused %s: wrong token", peer)
-            what = "no lease and no valid token" if self.config.verify_lease is not None else "invalid token"
-            self._refuse(conn, "auth", f"{what}: check --token or GPUPOOL_TOKEN")
-            return
-        self._reap()
         with self._lock:
-            admitted = len(self._sessions) + self._reserved < self.config.max_sessions
-            if admitted:
-                self._reserved += 1
-        if not admitted:
-            self._refuse(conn, "busy", f"server at its limit of {self.config.max_sessions} sessions")
+            holdings = Holdings(len(self._sessions) + self._reserved, len(self._holds), frozenset(self._ended_leases))
+        cfg = self.config
+        decision = admit(hello, cfg.devices, cfg.token, cfg.verify_lease, holdings,
+                         AdmitLimits(PROTOCOL_VERSION, cfg.max_sessions))
+        if isinstance(decision, Refusal):
+            log.warning("refused %s: %s", peer, decision.message)
+            self._refuse(conn, decision.code, decision.message)
             return
+        if decision.hold:
+            dev = decision.device
+            assert dev is not None
+            self._holds.add(conn.dup(), decision.lease_id, m.Welcome(
+                protocol=PROTOCOL_VERSION, session=f"hold-{uuid.uuid4().hex[:12]}", device_kind=dev.kind,
+                device_name=dev.name, memory_limit=decision.limit or 0, memory_total=dev.memory_total,
+                torch_version=""))
+            return
+        with self._lock:
+            self._reserved += 1
         try:
-            self._start_session(conn, peer, **grant)
+            self._start_session(conn, peer, decision)
         finally:
             with self._lock:
                 self._reserved -= 1
 
-    def _start_session(
-        self,
-        conn: socket.socket,
-        peer: tuple[Any, ...],
-        device: DeviceInfo | None = None,
-        limit: int | None = None,
-        lease_id: str = "",
-        expires_at: float = float("inf"),
-    ) -> None:
-        dev = device or self._pick_device()
-        sid = uuid.uuid4().hex[:12]
+    def _start_session(self, conn: socket.socket, peer: tuple[Any, ...], grant: Grant) -> None:
+        dev = grant.device or self._pick_device()
+        limit = grant.limit
         if limit is None:
             limit = min(self.config.memory_limit or dev.memory_total, dev.memory_total)
-        info = {
-            "session": sid,
-            "kind": dev.kind,
-            "index": dev.index,
-            "name": dev.name,
-            "memory_total": dev.memory_total,
-            "memory_limit": limit,
-        }
+        sid = uuid.uuid4().hex[:12]
+        info = {"session": sid, "kind": dev.kind, "index": dev.index, "name": dev.name,
+                "memory_total": dev.memory_total, "memory_limit": limit}
+        if grant.lease_id and self._join(conn, sid, (grant.lease_id, dev.index), info):
+            log.info("session %s for %s joins lease %s on %s:%d", sid, peer, grant.lease_id, dev.kind, dev.index)
+            return
         try:
             spare = self._take_spare()
         except OSError as e:
             log.error("cannot start a session worker: %s", e)
             self._refuse(conn, "busy", "could not start a session worker")
             return
-        if not spare.hand_off(conn, info):
+        worker = Worker(spare, dev, grant.lease_id, grant.expires_at)
+        with self._lock:
+            handed = spare.proc.poll() is None and hand_off(spare.ctl, conn, info)
+            if handed:
+                worker.sessions.add(sid)
+                self._sessions[sid] = worker
+                if worker.key is not None:
+                    self._workers.setdefault(worker.key, worker)
+        if not handed:
             spare.discard()
             self._refuse(conn, "busy", "could not start a session worker")
             return
-        with self._lock:
-            self._sessions[sid] = _SessionRecord(spare.proc, dev, lease_id, expires_at)
-        log.info(
-            "session %s for %s on %s:%d (limit %d bytes, worker pid %d)",
-            sid, peer, dev.kind, dev.index, limit, spare.proc.pid,
-        )
-        threading.Thread(target=self._watch, args=(spare.proc,), name="gpupool-watch", daemon=True).start()
+        log.info("session %s for %s on %s:%d (limit %d bytes, worker pid %d)",
+                 sid, peer, dev.kind, dev.index, limit, worker.proc.pid)
+        threading.Thread(target=read_worker_messages, args=(worker, spare.ctl, self._session_ended, self._worker_gone),
+                         name="gpupool-worker", daemon=True).start()
 
-    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.wait()  # Note: reaps the worker at once, so no session leaves a zombie behind
-        self._reap()
+    def _join(self, conn: socket.socket, sid: str, key: tuple[str, int], info: dict[str, Any]) -> bool:
+        """Hand `conn` to the worker already serving its lease on this device, if there is one."""
+        with self._lock:
+            worker = self._workers.get(key)
+            if worker is None or not worker.alive() or worker.ctl is None:
+                return False
+            if not hand_off(worker.ctl, conn, info):
+                return False
+            worker.sessions.add(sid)
+            self._sessions[sid] = worker
+            return True
+
+    def _session_ended(self, worker: Worker, sid: str) -> None:
+        with self._lock:
+            worker.sessions.discard(sid)
+            self._sessions.pop(sid, None)
+            if not worker.sessions:
+                # Note [Worker control socket]: decided under the lock, so no hand-off races it.
+                if worker.key is not None and self._workers.get(worker.key) is worker:
+                    del self._workers[worker.key]
+                worker.close_ctl()
+        log.info("session %s ended", sid)
+
+    def _worker_gone(self, worker: Worker) -> None:
+        """The worker exited (or broke its control protocol): forget it and its sessions."""
+        with self._lock:
+            worker.ctl = None
+            for sid in worker.sessions:
+                self._sessions.pop(sid, None)
+            worker.sessions.clear()
+            if worker.key is not None and self._workers.get(worker.key) is worker:
+                del self._workers[worker.key]
+        try:
+            worker.proc.wait(10)  # Note: reaps the worker at once, so it leaves no zombie behind
+        except subprocess.TimeoutExpired:
+            worker.signal(signal.SIGKILL)
+            worker.proc.wait()
+        log.info("worker %d exited (%s)", worker.proc.pid, worker.proc.returncode)
 
     def _pick_device(self) -> DeviceInfo:
         with self._lock:
@@ -435,23 +382,17 @@ class Server:
             self._sock.close()
         except OSError:
             pass
+        self._holds.shutdown()
         with self._lock:
             spare, self._spare = self._spare, None
-            procs = [rec.proc for rec in self._sessions.values()]
+        workers = self._live_workers()
         if spare is not None:
             spare.discard()
-        for p in procs:
-            p.terminate()
-        for p in procs:
+        for w in workers:
+            w.signal(signal.SIGTERM)
+        for w in workers:
             try:
-                p.wait(5)
+                w.proc.wait(5)
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        proc.send_signal(sig)
-    except (ProcessLookupError, OSError):
-        pass
+                w.signal(signal.SIGKILL)
+                w.proc.wait()

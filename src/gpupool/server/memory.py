@@ -1,8 +1,10 @@
-"""Per-session memory accounting on a CPU-backed device, and the worker's hard backstop.
+"""Per-lease memory accounting, and the worker's hard backstop.
 
-Note: a CUDA session relies on the caching allocator's own counters and its per-process memory
-fraction; on the CPU nothing counts for us, so the executor tracks the bytes of every distinct
-storage its handle table keeps alive.
+Note [One budget per lease]: a worker serves every session of one lease on one device (a program
+and its child processes), so the lease's bytes are one `Budget` in one process. On CUDA the
+caching allocator's own counters are that process's, capped by its per-process memory fraction;
+on the CPU nothing counts for us, so the executors track the bytes of every distinct storage
+their handle tables keep alive, in one ledger.
 
 Note [Storage keys]: storages are keyed by the address of their `StorageImpl`
 (`UntypedStorage._cdata`), not by their data pointer: an in-place resize (`resize_`, an `out=`
@@ -22,6 +24,32 @@ import torch
 log = logging.getLogger("gpupool.worker")
 
 
+class Budget:
+    """The bytes one lease may hold on one device, shared by all its sessions in this worker."""
+
+    def __init__(self, device: torch.device, limit: int) -> None:
+        self.device = device
+        self.limit = limit
+        self.is_cuda = device.type == "cuda"
+        self.ledger = StorageLedger()  # CPU-backed devices only (Note [One budget per lease])
+        self._sessions = 0
+
+    def new_session(self) -> int:
+        """A number for a new session: its handles' ledger keys are `number << 64 | handle`."""
+        self._sessions += 1
+        return self._sessions
+
+    def used(self) -> int:
+        if self.is_cuda:
+            return int(torch.cuda.memory_allocated(self.device))
+        return self.ledger.used
+
+    def peak(self) -> int:
+        if self.is_cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return self.ledger.peak
+
+
 class StorageLedger:
     """Bytes held by the handle table, counting each storage once however many handles view it."""
 
@@ -33,6 +61,11 @@ class StorageLedger:
 
     def __len__(self) -> int:
         return len(self._storages)
+
+    def nbytes(self, handle: int) -> int | None:
+        """The counted size of the storage handle `handle` holds, if it is counted."""
+        key = self._handle_key.get(handle)
+        return None if key is None else self._storages[key][1]
 
     def add(self, handle: int, t: torch.Tensor) -> None:
         """Count handle `handle`, which must not be counted yet, holding tensor `t`."""
