@@ -216,3 +216,23 @@ def test_lstm_and_gru_train_on_the_device(session) -> None:
         out_d.pow(2).sum().backward()
         for (name, pc), pd in zip(cpu.named_parameters(), dev.parameters()):
             torch.testing.assert_close(pd.grad.cpu(), pc.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_fused_optimizers_step_like_the_cpu(session, name: str) -> None:
+    """`fused=True` (what nanoGPT picks on a CUDA device): `_fused_sgd_` returns nothing, and
+    the device once returned an empty tuple for it, which PyTorch refuses."""
+    torch.manual_seed(0)
+    cpu = torch.nn.Linear(4, 3)
+    dev = torch.nn.Linear(4, 3).to(session.device)
+    dev.load_state_dict(cpu.state_dict())
+    kwargs = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.01}
+    opts = [getattr(torch.optim, name)(m.parameters(), fused=True, **kwargs) for m in (cpu, dev)]
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m, opt, inp in ((cpu, opts[0], x), (dev, opts[1], x.to(session.device))):
+            opt.zero_grad()
+            m(inp).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(cpu.parameters(), dev.parameters()):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0, atol=0)

@@ -26,7 +26,9 @@ import torch
 import gpupool
 from gpupool.protocol import messages as m
 from gpupool.server.device import discover
+from gpupool.protocol import ops as oplist
 from gpupool.server.executor import Executor, OpFailed, Ref, _in_bounds
+from gpupool.server.oppolicy import OpPolicy
 from gpupool.server.listener import Server, ServerConfig
 from tests.conftest import TOKEN
 from tests.test_bad_input import WAIT, RawClient, gone, ref, status_kib, upload_cmd
@@ -302,12 +304,25 @@ def test_backstop_stops_allocations_no_check_foresaw(listener, pair) -> None:
 # ---- the executor's accounting, driven directly ------------------------------------------------
 
 
+#: The shipped op policy, plus factories that the client never sends (it builds `ones` from
+#: `empty` and `fill_`) but that drive the accounting here in one op each.
+_LISTED = oplist.load()
+_POLICY = OpPolicy(oplist.Allowlist(_LISTED.ops | {
+    "aten::ones", "aten::zeros", "aten::full", "aten::arange", "aten::arange.start_step",
+    "aten::randperm", "aten::eye", "aten::linspace", "aten::set_.source_Tensor",
+}, _LISTED.strings, "test"))
+
+
+def _executor(device: torch.device, limit: int) -> Executor:
+    return Executor(device, limit, _POLICY)
+
+
 def _op(ex: Executor, name: str, args: list[Any], outs: list[int], **kwargs: Any) -> None:
     ex.run_op(m.Op(1, name, args, kwargs, outs))
 
 
 def test_precheck_refuses_before_allocating() -> None:
-    ex = Executor(torch.device("cpu"), 1 * MiB)
+    ex = _executor(torch.device("cpu"), 1 * MiB)
     with pytest.raises(OpFailed, match="needs 256.0 MiB more") as ei:
         _op(ex, "aten::empty.memory_format", [[64 * MiB]], [1])
     assert ei.value.kind == "oom"
@@ -331,7 +346,7 @@ def test_precheck_refuses_before_allocating() -> None:
 
 
 def test_precheck_of_ops_that_grow_from_small_inputs() -> None:
-    ex = Executor(torch.device("cpu"), 1 * MiB)
+    ex = _executor(torch.device("cpu"), 1 * MiB)
     _op(ex, "aten::ones", [[4]], [1])
     _op(ex, "aten::expand", [Ref(1), [10**6, 4]], [2])  # a view: no memory
     for name, args in [
@@ -346,7 +361,7 @@ def test_precheck_of_ops_that_grow_from_small_inputs() -> None:
 
 
 def test_ledger_follows_resizes_out_ops_and_set() -> None:
-    ex = Executor(torch.device("cpu"), 64 * MiB)
+    ex = _executor(torch.device("cpu"), 64 * MiB)
     _op(ex, "aten::ones", [[256]], [1])
     _op(ex, "aten::empty.memory_format", [[0]], [2])
     assert ex.memory_used() == 1024
@@ -369,7 +384,7 @@ def test_ledger_follows_resizes_out_ops_and_set() -> None:
 def test_out_growth_past_the_share_is_refused_before_it_is_made() -> None:
     """The attack: `zeros.out` / `add.out` with a small `out` grew a session to 6.5x its share,
     and the growth was kept. Now an out= op is sized on meta tensors first."""
-    ex = Executor(torch.device("cpu"), 1 * MiB)
+    ex = _executor(torch.device("cpu"), 1 * MiB)
     _op(ex, "aten::empty.memory_format", [[0]], [1])
     _op(ex, "aten::ones", [[200_000]], [2])
     for name, args in [("aten::add.out", [Ref(2), Ref(2)]), ("aten::zeros.out", [[64 * MiB]])]:
@@ -387,7 +402,7 @@ def test_growth_no_check_foresaw_is_rolled_back(monkeypatch) -> None:
     from gpupool.server import executor as executor_module
 
     monkeypatch.setattr(executor_module, "out_growth", lambda spec, args, kwargs: 0)
-    ex = Executor(torch.device("cpu"), 1 * MiB)
+    ex = _executor(torch.device("cpu"), 1 * MiB)
     _op(ex, "aten::empty.memory_format", [[0]], [1])
     _op(ex, "aten::ones", [[200_000]], [2])
     with pytest.raises(OpFailed, match="out of memory"):
@@ -399,7 +414,7 @@ def test_growth_no_check_foresaw_is_rolled_back(monkeypatch) -> None:
 
 
 def test_forged_views_and_foreign_devices_are_refused() -> None:
-    ex = Executor(torch.device("cpu"), 64 * MiB)
+    ex = _executor(torch.device("cpu"), 64 * MiB)
     _op(ex, "aten::ones", [[2]], [1])
     with pytest.raises(OpFailed, match="not allowed"):
         _op(ex, "aten::_reshape_alias", [Ref(1), [100000], [1]], [2])
@@ -487,7 +502,7 @@ def test_fetch_gathers_strided_tensors_in_bounded_pieces(make: Any, monkeypatch)
     pieces = list(ex_mod._c_order_chunks(t, 64))
     assert all(p.is_contiguous() for p in pieces)
     assert all(p.numel() * p.element_size() <= 64 or p.numel() == 1 for p in pieces)
-    ex = Executor(torch.device("cpu"), 64 * MiB)
+    ex = _executor(torch.device("cpu"), 64 * MiB)
     ex._store(1, t)
     a, b = socket.socketpair()
     try:

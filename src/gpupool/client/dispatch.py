@@ -229,6 +229,8 @@ def run_remote_sync(func: torch._ops.OpOverload, args: tuple, kwargs: dict, sess
         return next(values, None)
 
     rets = [build(i, r) for i, r in enumerate(func._schema.returns)]
+    if not rets:
+        return None
     if len(rets) == 1:
         return rets[0]
     return tuple(rets)

@@ -228,6 +228,8 @@ def _infer(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
         if "data-dependent" in text or "Meta" in text and "backend" in text or "meta tensor" in text.lower():
             raise DynamicOutput(text) from e
         raise
+    if not func._schema.returns:
+        out = None  # a Python meta kernel of an op that returns nothing may return its inputs
     ids = {id(mt): i for i, mt in enumerate(metas)}
     specs = []
     flat = flat_tensors(out, [])

@@ -108,7 +108,7 @@ class Executor:
     """One session's handle table and error state, drawing on its lease's `Budget`."""
 
     def __init__(self, device: torch.device, budget: Budget | int, policy: OpPolicy | None = None,
-                 record: bool = False) -> None:
+                 record: set[str] | None = None) -> None:
         self.device = device
         self.budget = budget if isinstance(budget, Budget) else Budget(device, budget)
         self.table: dict[int, torch.Tensor] = {}
@@ -117,7 +117,7 @@ class Executor:
         self._key = self.budget.new_session() << 64  # this session's ledger keys: key | handle
         self.is_cuda = device.type == "cuda"
         self.policy = policy or OpPolicy()
-        self.ran: set[str] | None = set() if record else None  # canonical names of ops that ran
+        self.ran = record  # if given: where the canonical names of the ops that ran are added
         self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
         self.encoder = m.make_encoder(enc_hook=self._enc_hook)
 

@@ -116,8 +116,90 @@ def _embedding_bag_backward(b: Bound) -> None:
         _clamp(b, "maximum_indices", n - 1)
 
 
+#: Highest polynomial degree the `special_*_polynomial_*` kernels are given: their CPU and
+#: CUDA kernels loop `n` times per element, so n = 1e13 held a worker for a day in 4 bytes.
+MAX_DEGREE = 10_000
+
+
+def _degree(b: Bound) -> Callable[[Any], Any] | None:
+    """Bound the degree `n`: a scalar past `MAX_DEGREE` is refused; a tensor is clamped, and
+    the results of the clamped elements are NaN (no sync to look at the values)."""
+    n = b.get("n")
+    if not isinstance(n, torch.Tensor):
+        if not isinstance(n, (int, float)) or not math.isfinite(n) or abs(n) > MAX_DEGREE:
+            raise SanitiserRefused(f"polynomial degree n must be a finite number of at most {MAX_DEGREE}")
+        return None
+    if n.is_complex():
+        raise SanitiserRefused("polynomial degree n must be real")
+    too_high = n > MAX_DEGREE
+    b.set("n", n.clamp(max=MAX_DEGREE))
+
+    def mark(result: Any) -> Any:
+        if isinstance(result, torch.Tensor) and result.is_floating_point():
+            result.masked_fill_(too_high, math.nan)
+        return result
+
+    return mark
+
+
+_POLYNOMIALS = (
+    "chebyshev_polynomial_t", "chebyshev_polynomial_u", "chebyshev_polynomial_v",
+    "chebyshev_polynomial_w", "hermite_polynomial_h", "hermite_polynomial_he",
+    "laguerre_polynomial_l", "legendre_polynomial_p", "shifted_chebyshev_polynomial_t",
+    "shifted_chebyshev_polynomial_u", "shifted_chebyshev_polynomial_v",
+    "shifted_chebyshev_polynomial_w",
+)
+
+
+def _attention_shapes(b: Bound) -> tuple[int, int, int, int]:
+    """(batch, heads, query length, key length) of a fused-attention backward call whose
+    tensors agree with each other; raises otherwise. The CUDA kernels index `logsumexp` and
+    the gradients by the query's shape, so a short `logsumexp` would be read past its end."""
+    q, k, v = b.get("query"), b.get("key"), b.get("value")
+    grad = b.get("grad_out") if "grad_out" in b.names else b.get("grad_out_")
+    out = b.get("out")
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v, grad, out)):
+        raise SanitiserRefused("query, key, value, out and grad_out must be 4-D tensors")
+    bsz, heads, lq, _ = q.shape
+    lk = k.shape[2]
+    if k.shape[:2] != (bsz, heads) or v.shape[:3] != (bsz, heads, lk):
+        raise SanitiserRefused("key and value must match the query's batch, heads and each other's length")
+    if tuple(out.shape) != (bsz, heads, lq, v.shape[3]) or grad.shape != out.shape:
+        raise SanitiserRefused("out and grad_out must have the attention output's shape")
+    lse = b.get("logsumexp")
+    if not isinstance(lse, torch.Tensor) or lse.dim() != 3 or lse.shape[:2] != (bsz, heads) or lse.shape[2] < lq:
+        raise SanitiserRefused("logsumexp must have shape (batch, heads, at least the query length)")
+    for name in ("philox_seed", "philox_offset"):
+        t = b.get(name)
+        if isinstance(t, torch.Tensor) and t.numel() > 2:
+            raise SanitiserRefused(f"{name} must be a seed or offset, not a {t.numel()}-element tensor")
+    return bsz, heads, lq, lk
+
+
+def _flash_backward(b: Bound) -> None:
+    _, _, lq, lk = _attention_shapes(b)
+    for name in ("cum_seq_q", "cum_seq_k"):
+        t = b.get(name)
+        if isinstance(t, torch.Tensor) and t.numel():
+            raise SanitiserRefused(f"{name}: variable-length attention is not supported")
+    if b.get("max_q") != lq or b.get("max_k") != lk:
+        raise SanitiserRefused("max_q and max_k must be the query and key lengths")
+
+
+def _efficient_backward(b: Bound) -> None:
+    bsz, heads, lq, lk = _attention_shapes(b)
+    bias = b.get("attn_bias")
+    if isinstance(bias, torch.Tensor) and tuple(bias.shape) != (bsz, heads, lq, lk):
+        raise SanitiserRefused("attn_bias must have shape (batch, heads, query length, key length)")
+
+
 #: By canonical op name. Filled in for every unsafe finding of the kernel sweep.
 SANITISERS: dict[str, Sanitiser] = {
+    **{
+        f"aten::special_{p}{overload}": _degree
+        for p in _POLYNOMIALS
+        for overload in ("", ".out", ".x_scalar", ".x_scalar_out", ".n_scalar", ".n_scalar_out")
+    },
     "aten::max_pool2d_with_indices_backward": _pool_indices(2),
     "aten::max_pool2d_with_indices_backward.grad_input": _pool_indices(2),
     "aten::max_pool3d_with_indices_backward": _pool_indices(3),
@@ -138,6 +220,10 @@ SANITISERS: dict[str, Sanitiser] = {
     "aten::embedding_dense_backward.out": _embedding_dense_backward,
     "aten::_embedding_bag_dense_backward": _embedding_bag_backward,
     "aten::_embedding_bag_dense_backward.out": _embedding_bag_backward,
+    # CUDA's fused attention (what gpupool's SDPA routing sends to a CUDA server): not reached
+    # by the CPU kernel sweep, so their shapes are checked against each other instead.
+    "aten::_scaled_dot_product_flash_attention_backward": _flash_backward,
+    "aten::_scaled_dot_product_efficient_attention_backward": _efficient_backward,
 }
 
 

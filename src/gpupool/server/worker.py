@@ -175,6 +175,7 @@ class WorkerHost:
         self.budget = Budget(self.device, limit)
         self.policy = OpPolicy()
         self.seen_fd = seen_fd
+        self.ran: set[str] | None = set() if seen_fd is not None else None
         self._lock = threading.Lock()
         self._version = 0  # bumped when `sessions` changes, for the hang-up watcher
 
@@ -198,7 +199,7 @@ class WorkerHost:
         # Note: one frame's buffers may hold at most the whole share (plus slack for the
         # frame's other small uploads): a bigger upload could never be stored anyway.
         reader = FrameReader(conn, Limits(max_buffer_bytes=max(limit, 1) + (1 << 20)))
-        ex = Executor(self.device, self.budget, self.policy, record=self.seen_fd is not None)
+        ex = Executor(self.device, self.budget, self.policy, record=self.ran)
         session = _Session(str(info["session"]), conn, reader, writer, ex)
         with self._lock:
             self.sessions[conn.fileno()] = session
@@ -223,19 +224,28 @@ class WorkerHost:
     def close(self, s: _Session) -> None:
         """End session `s`: drop its tensors, close its socket, tell the listener."""
         with self._lock:
-            self.sessions.pop(s.sock.fileno(), None)
+            if self.sessions.pop(s.sock.fileno(), None) is None:
+                return  # closed already
             self._version += 1
-        if self.seen_fd is not None and s.executor.ran:
-            try:
-                os.write(self.seen_fd, (" ".join(sorted(s.executor.ran)) + "\n").encode())
-            except OSError:
-                pass
         s.executor.close()
         try:
             s.sock.close()
         except OSError:
             pass
         self._tell({"ended": s.sid})
+
+    def write_ops_seen(self) -> None:
+        """Append the ops this worker ran to $GPUPOOL_OPS_SEEN's file (for tools/allowlist.py)."""
+        if self.seen_fd is None or not self.ran:
+            return
+        try:
+            names = sorted(set(self.ran))  # Note: the serving thread may be adding to it
+        except RuntimeError:
+            names = sorted(set(self.ran))
+        try:
+            os.write(self.seen_fd, (" ".join(names) + "\n").encode())
+        except OSError:
+            pass
 
     def _tell(self, message: dict[str, Any]) -> None:
         if self.ctl is None:
@@ -346,6 +356,7 @@ class WorkerHost:
             with self._lock:
                 if version == self._version and gone == set(fds):
                     log.info("worker %d: every client hung up; exiting", os.getpid())
+                    self.write_ops_seen()
                     os._exit(0)
             if gone:
                 threading.Event().wait(0.2)  # the serving thread may be closing them already
@@ -436,6 +447,7 @@ def main() -> None:
         os.write(profile_fd, marshal.dumps(prof.stats))  # type: ignore[attr-defined]
     else:
         host.run()
+    host.write_ops_seen()
     # Note: os._exit skips interpreter teardown (slow with torch loaded, and pointless: the OS
     # frees the process's memory and descriptors at once).
     os._exit(0)
