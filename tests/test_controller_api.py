@@ -4,6 +4,7 @@ queue, quotas, who sees what, tokens, servers going down, 100 concurrent clients
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import subprocess
@@ -23,13 +24,16 @@ from hypothesis import settings as hsettings
 from schemathesis import checks as sc
 
 from gpupool.controller import Settings, create_app
+from gpupool.controller import leases as L
 from gpupool.controller.client import ControllerClient, LeaseRenewer, ServerAgent
 from gpupool.controller.errors import (
     ControllerUnreachable,
     LeaseExpired,
+    LeaseWrongServer,
     NoCapacity,
     NotFound,
     QuotaExceeded,
+    SigningKeyError,
 )
 from gpupool.controller.runner import ControllerThread
 from gpupool.controller.store import Store
@@ -311,6 +315,41 @@ def test_reregistering_keeps_leases_on_unchanged_gpus(pool: Pool) -> None:
     assert len(gpus(pool)) == 1
 
 
+def test_an_address_belongs_to_one_live_server(pool: Pool) -> None:
+    """Note [One server per address]: a server that is up keeps its address; re-registering
+    under its own name still works."""
+    pool.register("gpu1", 8 * GiB, address="10.0.0.1:7777")
+    rack = pool.client(pool.token("mallory", role="server"))
+    r = rack.post("/v1/servers", json={"name": "gpu2", "address": "10.0.0.1:7777", "gpus": [
+        {"index": 0, "uuid": "x", "model": "m", "memory_bytes": GiB}]})
+    assert r.status_code == 409 and r.json()["code"] == "address_in_use", r.text
+    assert "'gpu1'" in r.json()["message"] and "--advertise" in r.json()["message"]
+    assert pool.register("gpu1", 8 * GiB, address="10.0.0.1:7777")["server"]["address"] == "10.0.0.1:7777"
+    assert [s["name"] for s in pool.admin.get("/v1/servers").json()["servers"]] == ["gpu1"]
+
+
+def test_a_server_reports_an_abandoned_lease(pool: Pool) -> None:
+    """`POST /v1/servers/{server}/leases/{lease}/abandon`: the server's own token ends a lease on
+    it at once; nobody else's does."""
+    owner = pool.client(pool.token("rack", role="server"))
+    pool.register("gpu1", 8 * GiB, client=owner)
+    pool.register("gpu2", 8 * GiB)
+    alice = pool.user("alice")
+    lease = alice.post("/v1/leases", json={"fraction": 0.5, "server": "gpu1"}).json()
+    other = alice.post("/v1/leases", json={"fraction": 0.5, "server": "gpu2"}).json()
+    url = f"/v1/servers/gpu1/leases/{lease['id']}/abandon"
+    assert pool.client(pool.token("mallory", role="server")).post(url).status_code == 403
+    assert alice.post(url).status_code == 403  # a user token, even the lease's own
+    assert owner.post(f"/v1/servers/gpu1/leases/{other['id']}/abandon").status_code == 404  # not on gpu1
+    assert owner.post("/v1/servers/gpu1/leases/l-nosuch/abandon").status_code == 404
+    r = owner.post(url)
+    assert r.status_code == 200 and r.json()["state"] == "abandoned", r.text
+    assert {g["server"]: g["allocated_bytes"] for g in gpus(pool)} == {"gpu1": 0, "gpu2": 4 * GiB}
+    for again in (owner.post(url), alice.post(f"/v1/leases/{lease['id']}/renew")):
+        assert again.status_code == 410 and "abandoned" in again.json()["message"]
+    assert pool.heartbeat("gpu1", client=owner)["leases"] == []
+
+
 # -- running a controller -----------------------------------------------------------------------
 
 
@@ -321,6 +360,78 @@ def test_default_database_is_under_gpupool_home(tmp_path: Path, monkeypatch: pyt
     store.close()
     assert store.url == f"sqlite:///{tmp_path / 'home' / 'controller.db'}"
     assert (tmp_path / "home" / "controller.db").is_file()
+    assert store.key_file == tmp_path / "home" / "controller.key.pem" and store.key_file.is_file()
+    assert (tmp_path / "home").stat().st_mode & 0o777 == 0o700
+
+
+# -- the signing key (Note [Signing key file] in keyfile.py) -------------------------------------
+
+
+def _no_key_in_db(db: Path) -> None:
+    for f in db.parent.glob(db.name + "*"):
+        assert b"PRIVATE KEY" not in f.read_bytes(), f"{f} holds a private key"
+    with sqlite3.connect(db) as c:
+        assert c.execute("select count(*) from meta where key = 'signing_key'").fetchone() == (0,)
+
+
+def test_signing_key_moves_out_of_an_old_database(tmp_path: Path) -> None:
+    """A database from before keeps its key in `meta` (and was created 0644): the controller
+    moves the key to a 0600 file, deletes the row, leaves no copy in the file, and signs on
+    with the same key (the servers know its public half)."""
+    db = tmp_path / "old.db"
+    store = Store(f"sqlite:///{db}")
+    store.init()
+    store.close()
+    old = L.generate_key()
+    store.key_file.unlink()  # type: ignore[union-attr]
+    with sqlite3.connect(db) as c:
+        c.execute("delete from meta where key = 'public_key'")
+        c.execute("insert into meta (key, value) values ('signing_key', ?)", (L.private_key_to_pem(old).decode(),))
+    db.chmod(0o644)
+    assert b"PRIVATE KEY" in db.read_bytes() + (tmp_path / "old.db-wal").read_bytes()
+
+    with Pool(tmp_path, db_name="old.db") as pool:
+        assert pool.admin.get("/v1/public-key").json()["public_key"] == L.public_key_to_text(old.public_key())
+    key_file = tmp_path / "old.key.pem"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and db.stat().st_mode & 0o777 == 0o600
+    assert L.public_key_to_text(L.private_key_from_pem(key_file.read_bytes()).public_key()) == \
+        L.public_key_to_text(old.public_key())
+    _no_key_in_db(db)
+
+
+def test_controller_without_its_key_file_refuses_to_start(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    store = Store(f"sqlite:///{db}")
+    store.init()
+    store.close()
+    key_file = tmp_path / "c.key.pem"
+    assert db.stat().st_mode & 0o777 == 0o600 and key_file.stat().st_mode & 0o777 == 0o600
+    _no_key_in_db(db)
+    pem = key_file.read_bytes()
+
+    key_file.chmod(0o644)
+    with pytest.raises(SigningKeyError, match="chmod 600"):
+        Store(f"sqlite:///{db}").init()
+    key_file.unlink()
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, L.private_key_to_pem(L.generate_key()))
+    os.close(fd)
+    with pytest.raises(SigningKeyError, match="not the one this database's leases are signed with"):
+        Store(f"sqlite:///{db}").init()
+    key_file.unlink()
+    r = subprocess.run([sys.executable, "-m", "gpupool.controller", "--listen", "127.0.0.1:0", "--db", f"sqlite:///{db}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "signing key file" in r.stderr and "is missing" in r.stderr, r.stderr
+    assert not key_file.exists(), "a missing key is never replaced by a new one"
+
+    moved = tmp_path / "keys" / "pool.pem"  # --key-file: anywhere
+    moved.parent.mkdir()
+    fd = os.open(moved, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, pem)
+    os.close(fd)
+    store = Store(f"sqlite:///{db}", key_file=moved)
+    store.init()
+    store.close()
 
 
 def test_python_m_gpupool_controller_init_and_serve(tmp_path: Path) -> None:
@@ -406,6 +517,43 @@ def test_client_renewer_and_server_agent(tmp_path: Path) -> None:
             alice.close()
     with pytest.raises(ControllerUnreachable):
         ControllerClient(pool.url, "x", timeout=5).gpus()
+
+
+def test_server_agent_knows_which_leases_live_between_heartbeats(tmp_path: Path) -> None:
+    """Note [Lease expiry]: the agent takes a lease granted after its last heartbeat at once, refuses
+    one released before it (without waiting for the lease to have been seen), refuses another
+    server's, and refuses an abandoned one at once while it tells the controller."""
+    with Pool(tmp_path, heartbeat_interval_s=3600.0) as pool:  # no heartbeat but those made here
+        seen: list[dict[str, Any]] = []
+        agent = ServerAgent(ControllerClient(pool.url, pool.token("rack", role="server")), "gpu1", "127.0.0.1:7001",
+                            [{"index": 0, "uuid": "GPU-0", "model": "NVIDIA L4", "memory_bytes": 8 * GiB, "kind": "cuda"}],
+                            on_leases=seen.append)
+        agent.start()
+        pool.register("gpu2", 8 * GiB)
+        alice = ControllerClient(pool.url, pool.token("alice"))
+        try:
+            fresh = alice.request(fraction=0.25, server="gpu1", ttl_s=600)
+            assert agent.verify(fresh["signed"]).id == fresh["id"]
+            released = alice.request(fraction=0.25, server="gpu1", ttl_s=600)
+            alice.release(released["id"])
+            agent.beat()
+            assert set(seen[-1]) == {fresh["id"]}
+            with pytest.raises(LeaseExpired, match="not active"):
+                agent.verify(released["signed"])
+            elsewhere = alice.request(fraction=0.25, server="gpu2", ttl_s=600)
+            with pytest.raises(LeaseWrongServer, match="is for server"):
+                agent.verify(elsewhere["signed"])
+            late = alice.request(fraction=0.25, server="gpu1", ttl_s=600)
+            agent.verify(late["signed"])
+            agent.abandon(late["id"])
+            with pytest.raises(LeaseExpired, match="has ended"):
+                agent.verify(late["signed"])
+            wait_until(lambda: alice.lease(late["id"])["state"] == "abandoned", "the controller to hear of it")
+            agent.beat()
+            assert set(seen[-1]) == {fresh["id"]}
+        finally:
+            agent.stop()
+            alice.close()
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def b64(b: bytes) -> str:
 
 def test_sign_verify_round_trip() -> None:
     text = L.sign_lease(claims(), KEY)
-    got = L.verify_lease(text, PUB, NOW + 1, server="10.0.0.1:7777")
+    got = L.verify_lease(text, PUB, NOW + 1, server_id="s-1")
     assert got == replace(claims(), kid=L.key_id(PUB))
     assert got.gpus[0].bytes == 4 * GiB and got.expires_at == NOW + 60
     assert L.decode_lease(text) == got
@@ -68,8 +68,10 @@ def test_expired_lease_is_refused() -> None:
 
 
 def test_lease_for_another_server_is_refused() -> None:
-    with pytest.raises(LeaseWrongServer, match="10.0.0.1:7777"):
-        L.verify_lease(L.sign_lease(claims(), KEY), PUB, NOW, server="10.0.0.2:7777")
+    """A lease binds to its server's id, not its address: another server at the same address
+    (Note [One server per address]) refuses it."""
+    with pytest.raises(LeaseWrongServer, match="s-1"):
+        L.verify_lease(L.sign_lease(claims(), KEY), PUB, NOW, server_id="s-2")
 
 
 def test_altered_lease_is_forged() -> None:
@@ -152,7 +154,7 @@ def test_grant_renew_release(pool: Pool) -> None:
     assert lease["address"] == "127.0.0.1:7004" and not lease["exclusive"]
     pub = public_key(pool)
     assert L.public_key_to_text(pub) == reg["public_key"]
-    c = L.verify_lease(lease["signed"], pub, time.time(), server=lease["address"])
+    c = L.verify_lease(lease["signed"], pub, time.time(), server_id=reg["server"]["id"])
     assert (c.id, c.user, c.server_id, [(g.index, g.uuid, g.bytes) for g in c.gpus]) == (
         lease["id"], "alice", reg["server"]["id"], [(0, "gpu1-uuid-0", 4 * GiB)])
     assert c.expires_at == pytest.approx(lease["expires_at"], abs=0.001)

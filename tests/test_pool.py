@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
+import sqlite3
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from gpupool.launcher import command_env
 from tests.pool_fixtures import (
     ADMIN,
+    Proc,
+    base_env,
     cli,
     run_bg,
     start_controller,
@@ -108,16 +114,31 @@ def test_unrenewed_lease_expires_and_server_ends_its_session(tmp_path: Path) -> 
     ctl, url = start_controller(tmp_path)
     srv, _ = start_server(tmp_path, url, "gpu-host-1")
     try:
-        a, da = _holder(tmp_path, url, "a", "-n", "1", "-p", "0.5", "--ttl", "3")
-        wait_file(da / "ready", proc=a)
-        # Kill `gpupool run` only: its client keeps computing, but nobody renews the lease.
-        os.kill(a.pid, signal.SIGKILL)
-        err = wait_file(da / "error", timeout=60)
+        # A client whose lease stops being renewed once it computes (no `gpupool run`: killed, it
+        # would take the client down with it): it computes until the lease expires.
+        r = cli(tmp_path, url, "request", "-n", "1", "-p", "0.5", "--ttl", "3", "--json")
+        assert r.returncode == 0, r.stderr
+        lease = json.loads(r.stdout)
+        d = tmp_path / "a"
+        d.mkdir()
+        text = tmp_path / "lease.txt"
+        text.write_text(lease["signed"])
+        env = command_env(lease["address"], "", base_env(tmp_path))
+        env["GPUPOOL_LEASE_PATH"] = str(text)
+        a = subprocess.Popen([sys.executable, "-c", HOLDER, str(d)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as admin:
+            while not (d / "ready").exists() and a.poll() is None:  # renewed while torch loads, then no more
+                text.write_text(admin.post(f"/v1/leases/{lease['id']}/renew").json()["signed"])
+                time.sleep(0.5)
+        wait_file(d / "ready", proc=a)
+        err = wait_file(d / "error", timeout=60)
         assert err.startswith("LeaseExpired"), err
         assert "lease" in err and "ended" in err
         gpu = wait_until(lambda: (g := _gpus(tmp_path, url)[0])["allocated_bytes"] == 0 and g, what="lease expiry")
         assert gpu["allocated_bytes"] == 0
-        wait_until(lambda: "ended (worker" in srv.log, what="the session's worker to exit")
+        wait_until(lambda: "ending its sessions (worker" in srv.log, what="the server to end the session")
+        assert a.wait(60) == 7
     finally:
         srv.stop()
         ctl.stop()
@@ -147,8 +168,6 @@ def test_controller_restart_keeps_sessions_and_leases(tmp_path: Path) -> None:
         ctl, _ = start_controller(tmp_path, port=port)
         # The session kept computing throughout; the lease is still there and renewals resume.
         wait_until(lambda: _gpus(tmp_path, url)[0]["allocated_bytes"] == 1024**3 // 2, what="the lease after restart")
-        import time
-
         time.sleep(8)  # longer than the TTL: only renewals keep it alive
         assert not (da / "error").exists()
         assert _gpus(tmp_path, url)[0]["allocated_bytes"] == 1024**3 // 2
@@ -223,3 +242,23 @@ def test_tokens_users_and_drain_through_the_cli(pool) -> None:
     assert refused.returncode != 0
     assert cli(home, url, "drain", "--undo", "gpu-host-1").returncode == 0
     assert cli(home, url, "request", "-n", "1", "-p", "0.25", "--wait", "0").returncode == 0
+
+
+def test_gpupool_up_keeps_its_secrets_in_0600_files_apart_from_the_database(tmp_path: Path) -> None:
+    """Under `gpupool up`: the database, the signing key and pool.json (the admin token) are
+    readable by their owner only, created so; the database holds no private key."""
+    home = tmp_path / "home"  # created by gpupool up itself
+    up = Proc([sys.executable, "-m", "gpupool", "up", "--cpu-gpus", "1", "--cpu-gpu-memory", "1GiB"],
+              base_env(home), "gpupool server listening on")
+    try:
+        assert home.stat().st_mode & 0o777 == 0o700
+        for name in ("controller.db", "controller.key.pem", "pool.json"):
+            mode = (home / name).stat().st_mode & 0o777
+            assert mode == 0o600, f"{name} has mode {mode:04o}"
+        assert b"PRIVATE KEY" in (home / "controller.key.pem").read_bytes()
+        for f in home.glob("controller.db*"):
+            assert b"PRIVATE KEY" not in f.read_bytes(), f
+        with sqlite3.connect(home / "controller.db") as db:
+            assert {k for (k,) in db.execute("select key from meta")} == {"lock", "pool_version", "public_key"}
+    finally:
+        up.stop()

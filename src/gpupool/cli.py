@@ -101,6 +101,7 @@ def _fail(message: str, code: int = 1) -> None:
 def controller(
     listen: str = typer.Option("127.0.0.1:7700", help="HOST:PORT for the HTTP API (port 0: any free port)."),
     db: str = typer.Option(None, help="SQLAlchemy URL (default: SQLite under $GPUPOOL_HOME)."),
+    key_file: str = typer.Option(None, help="The lease signing key's file, mode 0600 (default: beside a SQLite database, else under $GPUPOOL_HOME)."),
     init: bool = typer.Option(False, "--init", help="Create an admin token and print it once."),
     admin_token: str = typer.Option(None, envvar="GPUPOOL_ADMIN_TOKEN", help="Make sure this admin token exists."),
     heartbeat_interval: float = typer.Option(5.0, help="Seconds between server heartbeats (3 missed: server down)."),
@@ -114,6 +115,8 @@ def controller(
     argv = ["--listen", listen]
     if db:
         argv += ["--db", db]
+    if key_file:
+        argv += ["--key-file", key_file]
     if init:
         argv.append("--init")
     if admin_token:

@@ -1,8 +1,9 @@
 """Where gpupool keeps its state on a machine, and how commands find the pool without flags.
 
-- `$GPUPOOL_HOME` (default `~/.local/share/gpupool`): the controller's SQLite database, and
-  `pool.json`, written by `gpupool up` (its controller URL and admin token) and removed when it
-  stops.
+- `$GPUPOOL_HOME` (default `~/.local/share/gpupool`, created 0700): the controller's SQLite
+  database `controller.db` and its signing key `controller.key.pem` (Note [Signing key file] in
+  controller/keyfile.py), and `pool.json`, written by `gpupool up` (its controller URL and admin
+  token) and removed when it stops. All three are created readable by their owner only (0600).
 - `.gpupool-lease.json` in the current directory: written by `gpupool request`, read by later
   `gpupool run` / `gpupool smi` / `gpupool release` in that directory. `GPUPOOL_LEASE_FILE`
   names another file (e.g. one per shell: `export GPUPOOL_LEASE_FILE=/tmp/lease-$$.json`).
@@ -33,7 +34,7 @@ def pool_file() -> Path:
 
 def write_pool(url: str, token: str) -> Path:
     p = pool_file()
-    p.parent.mkdir(parents=True, exist_ok=True)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return _write_private(p, {"url": url, "token": token, "pid": os.getpid()})  # an admin token
 
 
@@ -42,9 +43,13 @@ def read_pool() -> dict[str, Any] | None:
 
 
 def _write_private(p: Path, data: dict[str, Any]) -> Path:
-    """Write JSON readable by its owner only, atomically (a reader never sees half a file)."""
+    """Write JSON readable by its owner only, atomically (a reader never sees half a file).
+
+    Note: the file is created 0600 (O_EXCL, so a stale temporary file with a wider mode is never
+    reused), never narrowed after the secret is in it."""
     tmp = p.with_name(p.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     tmp.replace(p)

@@ -109,7 +109,8 @@ def _request(client: Any, wait: float, body: dict[str, Any]) -> dict[str, Any]:
 
 
 class _LeaseKeeper:
-    """Renews a lease while a command runs and keeps the current signed text in a file.
+    """Keeps a lease while a command runs: renews it, keeps the current signed text in a file,
+    and (for a lease this run owns) holds the lease's hold connection to its server.
 
     Note: a client process that opens a session late (a second GPU, a subprocess) must present a
     lease that has not expired, so children read the latest renewal from this file
@@ -120,12 +121,15 @@ class _LeaseKeeper:
         from gpupool.controller.client import LeaseRenewer
 
         self.release = release
+        self.lease_id = lease["id"]
         fd, self.path = tempfile.mkstemp(prefix="gpupool-lease-", suffix=".txt")
         os.close(fd)
         self._write(lease["signed"])
-        self.renewer = LeaseRenewer(client, lease, on_lost=self._lost)
+        self.renewer = LeaseRenewer(client, lease, on_lost=lambda e: self._lost(str(e)))
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._follow, daemon=True)
+        self._told = threading.Lock()
+        self._hold: Any = None
 
     def _write(self, text: str) -> None:
         tmp = self.path + ".new"
@@ -133,8 +137,12 @@ class _LeaseKeeper:
             f.write(text)
         os.replace(tmp, self.path)
 
-    def _lost(self, e: GpupoolError) -> None:
-        display.err_console.print(f"[bold red]gpupool:[/] the lease ended while the command ran: {e}")
+    def _lost(self, why: str) -> None:
+        if self._stop.is_set():
+            return  # stopping: the lease ends because this run released it
+        if self._told.acquire(blocking=False):  # once, whether the renewer or the hold learns it first
+            display.err_console.print(f"[bold red]gpupool:[/] the lease ended while the command ran: {why}",
+                                      highlight=False)
 
     def _follow(self) -> None:
         last = self.renewer.lease["signed"]
@@ -145,17 +153,34 @@ class _LeaseKeeper:
                 last = cur
 
     def start(self) -> _LeaseKeeper:
+        """Start renewing; for a lease this run owns, open its hold connection (Note [Hold
+        connection] in launcher/hold.py). If that fails, the lease is released and the error raised."""
+        from gpupool.launcher.hold import LeaseHold
+
         self.renewer.start()
         self._watch.start()
+        if self.release:
+            lease = self.renewer.lease
+            try:
+                self._hold = LeaseHold(lease["address"], lease["signed"], self._lost).open()
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def stop(self) -> None:
+        """Stop renewing, release (if this run owns the lease), then close the hold: in that
+        order, so the server sees a released lease, not an abandoned one."""
         self._stop.set()
-        self.renewer.stop(release=self.release)
         try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+            self.renewer.stop(release=self.release)
+        finally:
+            if self._hold is not None:
+                self._hold.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 def run_in_pool(
@@ -174,32 +199,39 @@ def run_in_pool(
 
     with _errors():
         client = _client(controller, token)
-        held = home.read_lease() if n is None and p is None and m is None and not filters else None
-        if held is not None:
-            lease = client.lease(held["lease"]["id"])
-            if lease["state"] != "active":
-                raise LeaseExpired(
-                    f"the lease in {home.lease_file()} is {lease['state']}: run `gpupool release` and request again"
-                )
-            release = False
-        else:
-            lease = _request(client, wait, request_body(n or 1, p, m, filters, ttl, spread))
-            release = True
+        lease, release = _lease_for_run(client, n, p, m, filters, wait, ttl, spread)
     display.err_console.print(f"gpupool: {display.lease_summary(lease)}", highlight=False)
-    keeper = _LeaseKeeper(client, lease, release).start()
+    with _errors():
+        keeper = _LeaseKeeper(client, lease, release).start()
     env = {
         "GPUPOOL_LEASE_PATH": keeper.path,
         "GPUPOOL_LEASE_ID": lease["id"],
         "GPUPOOL_LEASE_GPUS": str(len(lease["gpus"])),
     }
     # Note: run_command forwards SIGINT/SIGTERM to the command and returns when it exits, so
-    # the lease is released here on Ctrl-C and SIGTERM too.
+    # the lease is released here on Ctrl-C and SIGTERM too; on SIGKILL, the hold connection and
+    # Note [Die with gpupool run] (launcher/__init__.py) end the lease and the command.
     try:
-        return run_command(cmd, lease["address"], "", extra_env=env)
+        return run_command(cmd, lease["address"], "", extra_env=env, die_with_us=True)
     finally:
         keeper.stop()
         if release:
             display.err_console.print(f"gpupool: released lease {lease['id']}", highlight=False)
+
+
+def _lease_for_run(client: Any, n: int | None, p: float | None, m: str | None, filters: list[str], wait: float,
+                   ttl: float | None, spread: bool) -> tuple[dict[str, Any], bool]:
+    """The lease `gpupool run` runs on, and whether it is its own (to release): the one
+    `gpupool request` wrote here when no request is given, else a new one."""
+    held = home.read_lease() if n is None and p is None and m is None and not filters else None
+    if held is None:
+        return _request(client, wait, request_body(n or 1, p, m, filters, ttl, spread)), True
+    lease = client.lease(held["lease"]["id"])
+    if lease["state"] != "active":
+        raise LeaseExpired(
+            f"the lease in {home.lease_file()} is {lease['state']}: run `gpupool release` and request again"
+        )
+    return lease, False
 
 
 # ---- the other commands ---------------------------------------------------------------------
@@ -321,7 +353,7 @@ def up(cpu_gpus: int | None, cpu_gpu_memory: str, listen: str, server_listen: st
     try:
         host, port = parse_host_port(listen, "controller listen address")
         ctl = ControllerThread(Settings(db_url=db, admin_token=token), host, port).start()
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, GpupoolError) as e:
         _die(f"cannot start the controller: {e}")
     home.write_pool(ctl.url, token)
     print(f"gpupool controller on {ctl.url} (state in {home.home()})", flush=True)

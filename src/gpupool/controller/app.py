@@ -57,6 +57,9 @@ class Settings:
     """How a controller runs. Intervals are short in tests and a few seconds in production."""
 
     db_url: str | None = None  # default: SQLite under $GPUPOOL_HOME (store.default_db_url)
+    # The signing key's 0600 file; default: beside a SQLite file (controller.db -> controller.key.pem),
+    # else $GPUPOOL_HOME/controller.key.pem (Note [Signing key file] in keyfile.py).
+    key_file: str | None = None
     heartbeat_interval_s: float = 5.0  # told to servers when they register
     missed_heartbeats: int = 3  # a server silent for this many intervals is marked down
     sweep_interval_s: float = 1.0  # how often liveness, lease expiry and queue deadlines are checked
@@ -170,12 +173,13 @@ class LeaseOut(BaseModel):
     server_id: str
     server: str
     address: str = Field(description="The data-plane address to open sessions at.")
-    state: Literal["active", "released", "expired", "server_down", "gpu_gone"]
+    state: Literal["active", "released", "abandoned", "expired", "server_down", "gpu_gone"]
     exclusive: bool = Field(description="True for whole-GPU leases.")
     gpus: list[LeaseGpuOut]
     bytes_per_gpu: list[int]
     created_at: float
     expires_at: float
+    ttl_s: float = Field(description="The lease's time to live: a renewal pushes its expiry to then + ttl_s.")
     ended_at: float | None
     signed: str = Field(description="The signed lease the GPU server verifies (docs/controller.md).")
 
@@ -183,6 +187,8 @@ class LeaseOut(BaseModel):
 class HeartbeatOut(BaseModel):
     server: ServerOut
     heartbeat_interval_s: float
+    now: float = Field(description="The controller's clock when `leases` was read: a lease issued at or after "
+                                   "it is newer than this list; one issued before it and not listed has ended.")
     leases: list[LeaseOut] = Field(description="The server's active leases: end sessions of any lease not listed.")
 
 
@@ -359,7 +365,7 @@ def _lease_out(lease: LeaseInfo) -> LeaseOut:
         gpus=[LeaseGpuOut(gpu_id=g.gpu_id, index=g.index, uuid=g.uuid, model=g.model, kind=g.kind,
                           memory_bytes=g.memory_bytes, bytes=g.bytes) for g in lease.gpus],
         bytes_per_gpu=[g.bytes for g in lease.gpus], created_at=lease.created_at, expires_at=lease.expires_at,
-        ended_at=lease.ended_at, signed=lease.text)
+        ttl_s=lease.ttl_s, ended_at=lease.ended_at, signed=lease.text)
 
 
 def _entry_out(e: EntryInfo) -> EntryOut:
@@ -427,7 +433,7 @@ class Controller:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.db_url, token_cache_s=settings.token_cache_s)
+        self.store = Store(settings.db_url, token_cache_s=settings.token_cache_s, key_file=settings.key_file)
         self.store.init()
         pub = self.store.signing_key().public_key()
         self.public_key = leasing.public_key_to_text(pub)
@@ -540,9 +546,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter(prefix="/v1")
 
 
-@router.post("/servers", response_model=RegisteredOut, tags=["servers"], responses=_errors(403))
+@router.post("/servers", response_model=RegisteredOut, tags=["servers"], responses=_errors(403, 409))
 async def register_server(body: ServerRegisterIn, c: Ctl, p: ServerOrAdmin) -> RegisteredOut:
-    """Register a GPU server (or update one registering again under the same name)."""
+    """Register a GPU server (or update one registering again under the same name). An address
+    that another server, up, has registered is refused (409 `address_in_use`)."""
     gpus = [GpuSpec(g.index, g.uuid or f"{body.name}-{g.index}", g.model, g.memory_bytes, g.kind, dict(g.labels))
             for g in body.gpus]
     info = await c.call(c.store.register_server, p, body.name, body.address, dict(body.labels), gpus, time.time())
@@ -554,9 +561,18 @@ async def register_server(body: ServerRegisterIn, c: Ctl, p: ServerOrAdmin) -> R
 async def heartbeat(server: Id, c: Ctl, p: ServerOrAdmin, body: HeartbeatIn | None = None) -> HeartbeatOut:
     """A server is alive; record its GPUs' usage and return its active leases."""
     usage = [GpuUsage(g.index, g.used_bytes, g.utilization, g.sessions) for g in (body.gpus if body else [])]
-    info, leases = await c.call(c.store.heartbeat, p, server, usage, time.time())
-    return HeartbeatOut(server=_server_out(info), heartbeat_interval_s=c.settings.heartbeat_interval_s,
+    now = time.time()
+    info, leases = await c.call(c.store.heartbeat, p, server, usage, now)
+    return HeartbeatOut(server=_server_out(info), heartbeat_interval_s=c.settings.heartbeat_interval_s, now=now,
                         leases=[_lease_out(x) for x in leases])
+
+
+@router.post("/servers/{server}/leases/{lease_id}/abandon", response_model=LeaseOut, tags=["servers"],
+             responses=_errors(403, 404, 410))
+async def abandon_lease(server: Id, lease_id: Id, c: Ctl, p: ServerOrAdmin) -> LeaseOut:
+    """The server's report that a lease's holder went away (its hold connection closed while the
+    lease was active): the lease ends ("abandoned") and its GPUs go back to the pool at once."""
+    return _lease_out(await c.call(c.store.abandon, p, server, lease_id, time.time()))
 
 
 @router.get("/servers", response_model=ServersOut, tags=["servers"], responses=_errors())

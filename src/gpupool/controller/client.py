@@ -3,8 +3,8 @@ GPU server's side of registration and heartbeats (for `gpupool server --controll
 
 Every failure is raised as a `gpupool` error a user can act on: ControllerUnreachable, AuthError,
 NoCapacity, QuotaExceeded, NotFound, LeaseExpired, or ControllerError for the rest. Nothing here
-retries a request behind the caller's back, except the server agent's heartbeat loop, whose job
-is to keep trying.
+retries a request behind the caller's back, except the loops whose job is to keep trying: the
+lease renewer, the server agent's heartbeats, and its reports of abandoned leases.
 """
 
 from __future__ import annotations
@@ -91,8 +91,12 @@ class ControllerClient:
         return self.call("POST", "/v1/servers", json={"name": name, "address": address, "gpus": list(gpus),
                                                       "labels": labels or {}})
 
-    def heartbeat(self, server: str, gpus: Sequence[Json] = ()) -> Json:
-        return self.call("POST", f"/v1/servers/{server}/heartbeat", json={"gpus": list(gpus)})
+    def heartbeat(self, server: str, gpus: Sequence[Json] = (), timeout: float | None = None) -> Json:
+        return self.call("POST", f"/v1/servers/{server}/heartbeat", json={"gpus": list(gpus)}, timeout=timeout)
+
+    def abandon(self, server: str, lease_id: str) -> Json:
+        """Report that the holder of lease `lease_id` on `server` went away: the lease ends."""
+        return self.call("POST", f"/v1/servers/{server}/leases/{lease_id}/abandon")
 
     def servers(self) -> list[Json]:
         return self.call("GET", "/v1/servers")["servers"]
@@ -156,9 +160,9 @@ class ControllerClient:
         except GpupoolError as e:
             log.warning("could not cancel queue entry %s: %s", entry_id, e)
 
-    def renew(self, lease_id: str, ttl_s: float | None = None) -> Json:
+    def renew(self, lease_id: str, ttl_s: float | None = None, timeout: float | None = None) -> Json:
         return self.call("POST", f"/v1/leases/{lease_id}/renew",
-                         json={} if ttl_s is None else {"ttl_s": ttl_s})
+                         json={} if ttl_s is None else {"ttl_s": ttl_s}, timeout=timeout)
 
     def release(self, lease_id: str) -> Json:
         return self.call("DELETE", f"/v1/leases/{lease_id}")
@@ -196,20 +200,24 @@ class ControllerClient:
 class LeaseRenewer:
     """Renews a lease in the background while a command runs; releases it on `stop()`.
 
-    Renews every third of the TTL, so two renewals may fail (a controller restart) before the lease
-    lapses. When the controller says the lease has ended, renewing stops and `lost` holds why
-    (the caller surfaces it: the server ends the sessions of an ended lease).
+    Note [Renewal]: renews every third of the TTL; after a failed renewal (the controller is
+    restarting, or the network blinked) it tries again every `retry_s` (a second at most) until one
+    succeeds, so a lease outlives any controller outage shorter than its TTL minus a few seconds
+    (the time the GPU server needs to hear the new expiry from its own heartbeat, which retries as
+    quickly). When the controller says the lease has ended, or its expiry passes (by this host's
+    clock) without a renewal, renewing stops and `lost` holds why; `on_lost` is called once.
     """
 
     def __init__(self, client: ControllerClient, lease: Json, on_lost: Callable[[GpupoolError], None] | None = None,
-                 interval: float | None = None) -> None:
+                 interval: float | None = None, retry_s: float = 1.0) -> None:
         self.client = client
         self.lease = lease
         self.on_lost = on_lost
         self.lost: GpupoolError | None = None
         self._stop = threading.Event()
-        ttl = max(1.0, lease["expires_at"] - lease["created_at"])
+        ttl = max(1.0, lease.get("ttl_s") or lease["expires_at"] - lease["created_at"])
         self.interval = interval if interval is not None else max(0.2, ttl / 3)
+        self.retry_s = min(retry_s, self.interval)
         self._thread = threading.Thread(target=self._run, name=f"gpupool-renew-{lease['id']}", daemon=True)
 
     def start(self) -> LeaseRenewer:
@@ -217,16 +225,36 @@ class LeaseRenewer:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = self.interval
+        failures = 0
+        while not self._stop.wait(wait):
             try:
-                self.lease = self.client.renew(self.lease["id"])
+                # A call that hangs must not outlast the retries: give each at most the interval.
+                self.lease = self.client.renew(self.lease["id"], timeout=max(1.0, min(self.interval, 10.0)))
             except LeaseExpired as e:
-                self.lost = e
-                if self.on_lost is not None:
-                    self.on_lost(e)
+                self._lose(e)
                 return
-            except GpupoolError as e:  # the controller may be restarting: try again next time
-                log.warning("could not renew lease %s (will retry): %s", self.lease["id"], e)
+            except GpupoolError as e:  # the controller may be restarting: try again soon
+                failures += 1
+                left = self.lease["expires_at"] - time.time()
+                if left <= 0:
+                    self._lose(LeaseExpired(
+                        f"lease {self.lease['id']} expired: the controller at {self.client.url} could not be "
+                        f"reached to renew it ({failures} tries; last: {e})"))
+                    return
+                if failures == 1:
+                    log.warning("could not renew lease %s (retrying every %g s for up to %.0f s): %s",
+                                self.lease["id"], self.retry_s, left, e)
+                wait = min(self.retry_s, left)
+                continue
+            if failures:
+                log.warning("renewed lease %s after %d failed tries", self.lease["id"], failures)
+            failures, wait = 0, self.interval
+
+    def _lose(self, e: GpupoolError) -> None:
+        self.lost = e
+        if self.on_lost is not None:
+            self.on_lost(e)
 
     def stop(self, release: bool = True) -> None:
         self._stop.set()
@@ -240,28 +268,35 @@ class LeaseRenewer:
 
 
 class ServerAgent:
-    """A GPU server's side of the controller: register, then heartbeat in the background.
+    """A GPU server's side of the controller: register, heartbeat in the background, verify the
+    leases clients present (Note [Lease expiry] in leases.py), report abandoned ones.
 
-    It keeps the controller's public key (to verify leases on its own, Note [Lease expiry] in
-    leases.py) and the ids of the leases the controller holds active for this server;
-    `on_leases(active)` is called after every heartbeat so the server can end the sessions of
-    leases no longer listed. If the controller is unreachable, the last known state stays and the
-    agent keeps trying; signed leases keep working meanwhile.
+    It keeps the controller's public key, the leases the last heartbeat answer listed as active
+    for this server (with the controller's clock at that answer, `as_of`), the leases verified
+    since that were granted after it (`fresh`), and the leases it has seen end (`ended`).
+    `on_leases(live)` is called after every heartbeat with the active and fresh leases, so the
+    server can end the sessions of the others. If the controller is unreachable, the last known
+    state stays and the agent retries every `retry_s`; signed leases keep working meanwhile.
     """
 
     def __init__(self, client: ControllerClient, name: str, address: str, gpus: Sequence[Json],
                  labels: dict[str, str] | None = None,
                  usage: Callable[[], Sequence[Json]] | None = None,
-                 on_leases: Callable[[dict[str, Json]], None] | None = None) -> None:
+                 on_leases: Callable[[dict[str, Json]], None] | None = None,
+                 retry_s: float = 1.0) -> None:
         self.client, self.name, self.address = client, name, address
         self.gpus, self.labels = list(gpus), labels or {}
         self.usage = usage
         self.on_leases = on_leases
+        self.retry_s = retry_s
         self.active: dict[str, Json] = {}
-        self.ended: set[str] = set()  # leases seen active here that the controller no longer lists
+        self.as_of_ms: int | None = None  # the controller's clock when `active` was read
+        self.fresh: dict[str, leasing.LeaseClaims] = {}  # verified, granted after `as_of_ms`
+        self.ended: dict[str, float] = {}  # lease id -> its last known expiry (kept until then)
         self.interval = 5.0
         self.public_key: leasing.Ed25519PublicKey | None = None
         self.server_id = ""
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"gpupool-heartbeat-{name}", daemon=True)
 
@@ -273,42 +308,137 @@ class ServerAgent:
         return reg
 
     def start(self) -> ServerAgent:
-        """Register (raising if that fails: a wrong URL or token should stop the server at start)
-        and start heartbeating."""
+        """Register and heartbeat once (raising if that fails: a wrong URL or token should stop the
+        server at start), then heartbeat in the background."""
         self.register()
         self.beat()
         self._thread.start()
         return self
 
     def beat(self) -> None:
+        usage = list(self.usage()) if self.usage else []
         try:
-            answer = self.client.heartbeat(self.server_id, list(self.usage()) if self.usage else [])
+            answer = self.client.heartbeat(self.server_id, usage, timeout=max(1.0, min(self.interval, 10.0)))
         except NotFound:
             self.register()  # the controller lost us (a new database): register again
-            return
-        active = {x["id"]: x for x in answer["leases"]}
-        self.ended |= set(self.active) - set(active)
-        self.active = active
+            answer = self.client.heartbeat(self.server_id, usage)
+        live = self._learn(answer)
         if self.on_leases is not None:
-            self.on_leases(dict(self.active))
+            self.on_leases(live)
+
+    def _learn(self, answer: Json) -> dict[str, Json]:
+        """Take in a heartbeat answer; returns the leases sessions may hold on to (active and fresh)."""
+        active = {x["id"]: x for x in answer["leases"]}
+        now = float(answer["now"])
+        as_of = int(now * 1000)
+        with self._lock:
+            for lease_id, x in self.active.items():
+                if lease_id not in active:
+                    self.ended[lease_id] = float(x["expires_at"])
+            for lease_id, c in self.fresh.items():
+                if lease_id not in active and c.issued_at_ms < as_of:
+                    self.ended[lease_id] = c.expires_at  # granted and ended between two heartbeats
+            self.fresh = {i: c for i, c in self.fresh.items() if i not in active and c.issued_at_ms >= as_of}
+            self.ended = {i: e for i, e in self.ended.items() if e > now or i in active}
+            self.active, self.as_of_ms = active, as_of
+            return self._live()
+
+    def _live(self, outage: bool = False) -> dict[str, Json]:
+        """The live leases by id, each with the expiry sessions may run to; with `outage`, pushed
+        by the renewal this server may have missed (Note [Outage grace])."""
+        live: dict[str, Json] = {}
+        for i, x in self.active.items():
+            if i not in self.ended:
+                grace = self._grace(float(x.get("ttl_s") or 0.0)) if outage else 0.0
+                live[i] = {**x, "expires_at": float(x["expires_at"]) + grace}
+        for i, c in self.fresh.items():
+            if i not in self.ended:
+                grace = self._grace((c.expires_at_ms - c.issued_at_ms) / 1000) if outage else 0.0
+                live[i] = {"id": i, "expires_at": c.expires_at + grace}
+        return live
+
+    def _grace(self, ttl_s: float) -> float:
+        """Note [Outage grace]: this server hears of a renewal only from its next heartbeat, so
+        when the controller goes away just after one, the expiry known here is up to a renewal
+        interval (a third of the TTL, Note [Renewal]) plus a heartbeat interval older than the
+        client's. While heartbeats fail, sessions may run that much longer (and two retries: the
+        time to hear the renewal once the controller is back), so a program survives an outage
+        shorter than its TTL minus a few seconds. Nothing is released or granted while the
+        controller is away; the cost is that a holder that stopped renewing keeps its GPU this
+        much longer, only during an outage: the first answered heartbeat restores the real expiry."""
+        return ttl_s / 3 + self.interval + 2 * self.retry_s
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait, failing = self.interval, False
+        while not self._stop.wait(wait):
             try:
                 self.beat()
             except GpupoolError as e:
-                log.warning("heartbeat to %s failed (will retry): %s", self.client.url, e)
+                if not failing:
+                    log.warning("heartbeat to %s failed (retrying every %g s): %s", self.client.url,
+                                min(self.retry_s, self.interval), e)
+                    self._outage()
+                failing, wait = True, min(self.retry_s, self.interval)
+                continue
+            if failing:
+                log.warning("heartbeat to %s answered again", self.client.url)
+            failing, wait = False, self.interval
+
+    def _outage(self) -> None:
+        """The controller stopped answering: give sessions the grace of Note [Outage grace]."""
+        with self._lock:
+            live = self._live(outage=True)
+        if self.on_leases is not None:
+            self.on_leases(live)
 
     def verify(self, lease_text: str, now: float | None = None) -> leasing.LeaseClaims:
-        """Check a lease a client presents: signed by the controller, for this server, not expired,
-        and not ended early as far as the last heartbeat knows."""
+        """Check a lease a client presents: signed by the controller, for this server (by id), not
+        expired, and live as far as this agent knows (Note [Lease expiry] in leases.py)."""
         if self.public_key is None:
             raise RuntimeError("register() first: the controller's public key is not known yet")
         claims = leasing.verify_lease(lease_text, self.public_key, time.time() if now is None else now,
-                                      server=self.address)
-        if claims.id in self.ended:
-            raise LeaseExpired(f"lease {claims.id} has ended (released, or ended by the controller)")
+                                      server_id=self.server_id)
+        with self._lock:
+            if claims.id in self.ended:
+                raise LeaseExpired(f"lease {claims.id} has ended (released, abandoned, or ended by the controller): "
+                                   "request a new one")
+            if claims.id in self.active:
+                return claims
+            if self.as_of_ms is None or claims.issued_at_ms < self.as_of_ms:
+                raise LeaseExpired(f"lease {claims.id} is not active: the controller no longer lists it for this "
+                                   "server (released, or ended): request a new one")
+            known = self.fresh.get(claims.id)
+            if known is None or known.expires_at_ms < claims.expires_at_ms:
+                self.fresh[claims.id] = claims
         return claims
+
+    def abandon(self, lease_id: str) -> None:
+        """The holder of `lease_id` went away (its hold connection closed while the lease was
+        active): refuse the lease from now on, and tell the controller (in the background,
+        retrying until it hears it), so the GPU is free again at once. Does not block."""
+        with self._lock:
+            known = self.active.get(lease_id, {}).get("expires_at")
+            fresh = self.fresh.pop(lease_id, None)
+            expires = float(known) if known is not None else (fresh.expires_at if fresh else time.time() + 86400)
+            self.ended[lease_id] = expires
+        threading.Thread(target=self._report_abandoned, args=(lease_id, expires),
+                         name=f"gpupool-abandon-{lease_id}", daemon=True).start()
+
+    def _report_abandoned(self, lease_id: str, expires: float) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                self.client.abandon(self.server_id, lease_id)
+                log.info("lease %s abandoned by its holder: reported to the controller", lease_id)
+                return
+            except (LeaseExpired, NotFound):
+                return  # it ended already (released first, or expired): nothing to report
+            except GpupoolError as e:
+                if time.time() > expires:
+                    return  # expired by now: the controller ends it without being told
+                log.warning("could not report abandoned lease %s (retrying in %g s): %s", lease_id, delay, e)
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.retry_s * 5)
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,4 +1,4 @@
-"""Errors of the pool controller and of lease verification: they live in `gpupool.errors`."""
+"""Errors of the pool controller and of lease verification: most live in `gpupool.errors`."""
 
 from gpupool.errors import (
     ControllerError,
@@ -13,6 +13,15 @@ from gpupool.errors import (
     QuotaExceeded,
 )
 
+
+class SigningKeyError(ControllerError):
+    """The controller's signing key file is missing, unreadable, readable by others, or not the key
+    this database's leases are signed with: the controller does not start."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "signing_key", 500)
+
+
 __all__ = [
     "ControllerError",
     "ControllerUnreachable",
@@ -24,4 +33,5 @@ __all__ = [
     "NoCapacity",
     "NotFound",
     "QuotaExceeded",
+    "SigningKeyError",
 ]

@@ -9,10 +9,14 @@ controller restarts.
 Everything here is pure: no clock, no files, no network. The caller passes `now`.
 
 Note [Lease expiry]: a lease is valid while `now < expires_at_ms / 1000`. Renewal issues a new
-lease text with the same id and a later expiry; the server keeps the latest expiry it has seen for
-an id (from the client or from its heartbeat answer). Ending a lease early (release, server down)
-cannot be expressed in a signed text: the server learns it from its heartbeat answer, and until
-then the old text stays valid up to its expiry. Short TTLs bound that window.
+lease text with the same id, the same `issued_at_ms` and a later expiry; the server keeps the
+latest expiry it has seen for an id (from the client or from its heartbeat answer). Ending a lease
+early (release, abandon, server down) cannot be expressed in a signed text, so a server does not
+trust a text alone: its agent (`ServerAgent.verify` in client.py) accepts a lease only if the last
+heartbeat answer listed it as active, or it was issued after that answer's snapshot (a grant the
+server has not heard of yet, compared in the controller's clock), and never once it has seen the
+lease end. A released lease is thus refused from the next heartbeat on, and at once after a
+server restart (the agent heartbeats before the server accepts connections).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class LeaseGpu:
 
 @dataclass(frozen=True)
 class LeaseClaims:
-    """What a lease grants. `server` is the data-plane address HOST:PORT the lease is valid at."""
+    """What a lease grants. `server_id` (and each GPU's uuid) is what binds it to a server;
+    `server`, the data-plane address HOST:PORT, only tells the client where to connect."""
 
     id: str
     user: str
@@ -195,13 +200,14 @@ def _split(text: str) -> tuple[LeaseClaims, bytes, bytes]:
     return claims, payload, sig
 
 
-def verify_lease(text: str, public_key: Ed25519PublicKey, now: float, server: str | None = None,
+def verify_lease(text: str, public_key: Ed25519PublicKey, now: float, server_id: str | None = None,
                  leeway_s: float = 0.0) -> LeaseClaims:
     """Check a lease text and return its claims.
 
     Raises LeaseInvalid (malformed), LeaseForged (bad signature, other key, non-canonical payload),
-    LeaseExpired (`now` at or past expiry + `leeway_s`), LeaseWrongServer (`server` given and not
-    the lease's). The signature is checked before anything in the payload is trusted.
+    LeaseExpired (`now` at or past expiry + `leeway_s`), LeaseWrongServer (`server_id` given and
+    not the lease's). The signature is checked before anything in the payload is trusted. Whether
+    the lease has ended early is not in the text: Note [Lease expiry].
     """
     claims, payload, sig = _split(text)
     try:
@@ -219,6 +225,7 @@ def verify_lease(text: str, public_key: Ed25519PublicKey, now: float, server: st
     if now * 1000 >= claims.expires_at_ms + leeway_s * 1000:
         raise LeaseExpired(f"lease {claims.id!r} expired at {claims.expires_at:.3f} (now {now:.3f}): "
                            "it was not renewed in time; request a new one")
-    if server is not None and claims.server != server:
-        raise LeaseWrongServer(f"lease {claims.id!r} is for server {claims.server}, not {server}")
+    if server_id is not None and claims.server_id != server_id:
+        raise LeaseWrongServer(f"lease {claims.id!r} is for server {claims.server_id} (at {claims.server}), "
+                               f"not for this one ({server_id}): connect to the server the lease names")
     return claims

@@ -1,6 +1,7 @@
 """The controller's state in SQL: the one module that talks to the database (SQLAlchemy 2).
 
-Tables: users, tokens (hashed), servers, gpus, leases, lease_gpus, queue, meta (signing key).
+Tables: users, tokens (hashed), servers, gpus, leases, lease_gpus, queue, meta (the signing key's
+public half: the key itself lives in a file, Note [Signing key file] in keyfile.py).
 Every method is one transaction and returns plain dataclasses, never ORM objects, so nothing
 outside this module holds a session. Time is passed in (`now`, seconds since the epoch).
 
@@ -52,6 +53,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    func,
     insert,
     select,
     union_all,
@@ -60,6 +62,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from gpupool.controller import keyfile
 from gpupool.controller import leases as leasing
 from gpupool.controller import scheduler as sched
 from gpupool.controller.errors import (
@@ -68,6 +71,7 @@ from gpupool.controller.errors import (
     NoCapacity,
     NotFound,
     QuotaExceeded,
+    SigningKeyError,
 )
 
 ROLES = ("user", "admin", "server")
@@ -82,6 +86,26 @@ def gpupool_home() -> Path:
 
 def default_db_url() -> str:
     return f"sqlite:///{gpupool_home() / 'controller.db'}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for an in-memory database or another kind of database."""
+    if not url.startswith("sqlite") or url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url:
+        return None
+    path = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
+    return Path(path) if path else None
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (SQLite gives its -wal and -shm files
+    the same mode); an existing one that others can read is narrowed."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if p.exists() and p.stat().st_mode & 0o077:
+                p.chmod(0o600)  # a database made before this rule: tokens' hashes, the old key
 
 
 class AuthFailed(ControllerError):
@@ -152,7 +176,7 @@ class LeaseRow(Base):
     user: Mapped[str] = mapped_column(String(64), index=True)
     server_id: Mapped[str] = mapped_column(ForeignKey("servers.id"), index=True)
     address: Mapped[str] = mapped_column(String(300))
-    # "active" | "released" | "expired" | "server_down" | "gpu_gone"
+    # "active" | "released" | "abandoned" | "expired" | "server_down" | "gpu_gone"
     state: Mapped[str] = mapped_column(String(16), index=True)
     exclusive: Mapped[bool] = mapped_column(Boolean)
     ttl_s: Mapped[float] = mapped_column(Float)
@@ -387,6 +411,7 @@ class LeaseInfo:
     expires_at: float
     ended_at: float | None
     text: str
+    ttl_s: float = 0.0  # what a renewal pushes the expiry to, from its time
 
 
 @dataclass(frozen=True)
@@ -473,15 +498,16 @@ class _PoolTxn:
 class Store:
     """The controller's database. Thread-safe; one instance per process."""
 
-    def __init__(self, url: str | None = None, token_cache_s: float = 2.0) -> None:
+    def __init__(self, url: str | None = None, token_cache_s: float = 2.0, key_file: str | Path | None = None) -> None:
+        """`key_file`: the signing key's file (default: `keyfile.default_key_path`)."""
         self.url = url or default_db_url()
         self.sqlite = self.url.startswith("sqlite")
+        db_file = sqlite_file(self.url)
+        memory = self.sqlite and db_file is None
+        self.key_file = Path(key_file) if key_file else (None if memory else keyfile.default_key_path(db_file, gpupool_home()))
         if self.sqlite:
-            memory = self.url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in self.url
-            if not memory:
-                path = self.url.split("///", 1)[1].split("?", 1)[0] if "///" in self.url else ""
-                if path:
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if db_file is not None:
+                _create_private(db_file)
             kw: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
             if memory:
                 kw["poolclass"] = StaticPool
@@ -503,7 +529,8 @@ class Store:
         self.on_entries_changed: Callable[[set[str]], None] | None = None
 
     def init(self) -> None:
-        """Create the tables (if missing), the lock row, the pool version and the signing key."""
+        """Create the tables (if missing), the lock row, the pool version, and load (or create) the
+        signing key."""
         Base.metadata.create_all(self._write_engine)
         for index in _leases.indexes:  # create_all skips the indexes of existing tables
             index.create(self._write_engine, checkfirst=True)
@@ -553,20 +580,63 @@ class Store:
     # -- signing key ----------------------------------------------------------------------------
 
     def signing_key(self) -> Ed25519PrivateKey:
-        """The controller's Ed25519 key, created once and kept in the database.
-
-        Note: it lives in the database (not a file next to one controller) so that a restarted
-        controller, or another replica on the same PostgreSQL, signs with the same key and the
-        servers' copy of the public key stays valid.
-        """
+        """The controller's Ed25519 key (Note [Signing key file] in keyfile.py)."""
         if self._key is None:
-            with self._write() as s:
-                row = s.get(MetaRow, "signing_key")
-                if row is None:
-                    row = MetaRow(key="signing_key", value=leasing.private_key_to_pem(leasing.generate_key()).decode())
-                    s.add(row)
-                self._key = leasing.private_key_from_pem(row.value.encode())
+            self._key = self._load_key()
         return self._key
+
+    def _load_key(self) -> Ed25519PrivateKey:
+        """Read the key file (or create it, or move the key of an older database out to it) and
+        check it against the public key this database's leases are signed with."""
+        with self._write() as s:
+            legacy, recorded = s.get(MetaRow, "signing_key"), s.get(MetaRow, "public_key")
+            key = keyfile.read_key(self.key_file) if self.key_file is not None else None
+            if legacy is not None:
+                key = self._move_legacy_key(s, legacy, key)
+            elif key is None:
+                key = self._create_key(recorded)
+            self._check_public(s, key, recorded)
+        if legacy is not None and self.sqlite:
+            self._scrub_sqlite()
+        return key
+
+    def _create_key(self, recorded: MetaRow | None) -> Ed25519PrivateKey:
+        if recorded is not None:
+            raise SigningKeyError(
+                f"the signing key file {self.key_file} is missing, but this database's leases are signed with key "
+                f"{leasing.key_id(leasing.public_key_from_text(recorded.value))}: copy that controller's key file "
+                "there (or pass --key-file)")
+        key = leasing.generate_key()
+        return keyfile.write_key(self.key_file, key) if self.key_file is not None else key
+
+    def _check_public(self, s: Session, key: Ed25519PrivateKey, recorded: MetaRow | None) -> None:
+        public = leasing.public_key_to_text(key.public_key())
+        if recorded is None:
+            s.add(MetaRow(key="public_key", value=public))
+        elif recorded.value != public:
+            theirs = leasing.key_id(leasing.public_key_from_text(recorded.value))
+            raise SigningKeyError(
+                f"the signing key in {self.key_file} (key {leasing.key_id(key.public_key())}) is not the one this "
+                f"database's leases are signed with ({theirs}): pass --key-file with that controller's key")
+
+    def _move_legacy_key(self, s: Session, legacy: MetaRow, key: Ed25519PrivateKey | None) -> Ed25519PrivateKey:
+        old = leasing.private_key_from_pem(legacy.value.encode())
+        if key is None:
+            key = keyfile.write_key(self.key_file, old) if self.key_file is not None else old
+        if leasing.public_key_to_text(key.public_key()) != leasing.public_key_to_text(old.public_key()):
+            raise SigningKeyError(f"the database holds a signing key, and {self.key_file} holds another: "
+                                  "move one of them away (the servers know the database's)")
+        s.delete(legacy)
+        return key
+
+    def _scrub_sqlite(self) -> None:
+        """Leave no copy of a deleted key in the file: free pages and old WAL frames keep what a
+        DELETE removed, so rebuild the file and empty the WAL."""
+        with self._write_engine.connect() as c:
+            raw = c.connection.driver_connection
+            assert raw is not None
+            raw.execute("VACUUM")
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- users and tokens -----------------------------------------------------------------------
 
@@ -700,9 +770,11 @@ class Store:
 
         Leases on a GPU that is gone, or whose uuid or memory changed, end ("gpu_gone"); the others
         stay, so a server that re-registers after a network blip keeps its sessions' leases.
+        An address another server that is up has registered is refused (409 `address_in_use`).
         """
         with self._write() as s:
             self._pool_changed(s)
+            self._check_address_free(s, name, address)
             row = s.scalar(select(ServerRow).where(ServerRow.name == name))
             if row is None:
                 row = ServerRow(id=_new_id("s"), name=name, address=address, owner=owner.user, labels=labels,
@@ -733,6 +805,21 @@ class Store:
             s.flush()
             self._schedule(s, now)
             return self._server_info(s, row)
+
+    @staticmethod
+    def _check_address_free(s: Session, name: str, address: str) -> None:
+        """Note [One server per address]: clients find a server by the address its lease names, so
+        two live servers at one address would let one pose as the other. Leases bind to the server
+        id, not the address (Note [Lease binding] in server/admission.py), so this is the second
+        wall: a server that is down gives its address up (a host renamed, or moved)."""
+        clash = s.scalar(select(ServerRow).where(func.lower(ServerRow.address) == address.lower(),
+                                                 ServerRow.name != name, ServerRow.state == "up"))
+        if clash is not None:
+            raise ControllerError(
+                f"address {address} is already registered by server {clash.name!r}, which is up: give this "
+                f"server its own address (--advertise HOST:PORT), register it under the name {clash.name!r} "
+                "if it is that server, or stop that one first (it is marked down when it misses its heartbeats)",
+                "address_in_use", 409)
 
     def heartbeat(self, caller: Principal, ref: str, usage: Sequence[GpuUsage], now: float
                   ) -> tuple[ServerInfo, list[LeaseInfo]]:
@@ -997,7 +1084,7 @@ class Store:
             view = snap.gpu(g.gpu_id, p.server_id)
             gpus.append(LeaseGpuInfo(g.gpu_id, g.index, g.uuid, view.model, view.kind, view.memory_bytes, g.bytes))
         return LeaseInfo(lease_id, user, p.server_id, server.name, p.address, "active", p.exclusive, tuple(gpus),
-                         now, claims.expires_at, None, text)
+                         now, claims.expires_at, None, text, ttl_s)
 
     # -- requests and the queue -----------------------------------------------------------------
 
@@ -1121,7 +1208,7 @@ class Store:
         srv = s.get(ServerRow, lr.server_id)
         state = "expired" if lr.state == "active" and lr.expires_at <= now else lr.state
         return LeaseInfo(lr.id, lr.user, lr.server_id, srv.name if srv else "", lr.address, state, lr.exclusive,
-                         gpus, lr.created_at, lr.expires_at, lr.ended_at, lr.text)
+                         gpus, lr.created_at, lr.expires_at, lr.ended_at, lr.text, lr.ttl_s)
 
     def get_lease(self, lease_id: str, caller: Principal, now: float) -> LeaseInfo:
         with self._read() as s:
@@ -1156,20 +1243,38 @@ class Store:
         says how it ended (so a client learns its lease had expired)."""
         with self._write() as s:
             self._expire(s, now)
-            c = self._conn(s)
-            lr = c.execute(_Q_LEASE, {"id": lease_id}).first()
+            lr = self._conn(s).execute(_Q_LEASE, {"id": lease_id}).first()
             if lr is None or (lr.user != caller.user and not caller.admin):
                 raise _no_lease(lease_id)
-            if lr.state != "active":
-                raise LeaseExpired(f"lease {lease_id} had already ended ({_ended_words(lr.state)})")
-            gpus = tuple(LeaseGpuInfo(*g) for g in _run(c, _Q_LEASE_GPU_INFO, {"id": lease_id}))
-            _run(c, _Q_END_LEASE, {"lid": lease_id, "state": "released", "ended_at": now})
-            self._end_lease(s, lr, [(g.gpu_id, g.bytes) for g in gpus])
-            self._schedule(s, now)
-            names = _run(c, _Q_SERVER_NAME, {"id": lr.server_id})
-            server = names[0][0] if names else ""
-            return LeaseInfo(lr.id, lr.user, lr.server_id, server, lr.address, "released", lr.exclusive, gpus,
-                             lr.created_at, lr.expires_at, now, lr.text)
+            return self._end_now(s, lr, "released", now)
+
+    def abandon(self, caller: Principal, server: str, lease_id: str, now: float) -> LeaseInfo:
+        """A server reports that the holder of one of its leases went away (its hold connection
+        closed while the lease was active: `gpupool run` was killed): end the lease ("abandoned")
+        and hand its GPUs to the queue, without waiting for its expiry."""
+        with self._write() as s:
+            self._expire(s, now)
+            row = self._server(s, server)
+            if row.owner != caller.user and not caller.admin:
+                raise ControllerError(f"server {server!r} is registered by another user", "forbidden", 403)
+            lr = self._conn(s).execute(_Q_LEASE, {"id": lease_id}).first()
+            if lr is None or lr.server_id != row.id:
+                raise NotFound(f"no lease {lease_id!r} on server {row.name!r}", "not_found", 404)
+            return self._end_now(s, lr, "abandoned", now)
+
+    def _end_now(self, s: Session, lr: Any, state: str, now: float) -> LeaseInfo:
+        """End the active lease of Core row `lr` as `state` and serve the queue with its GPUs."""
+        if lr.state != "active":
+            raise LeaseExpired(f"lease {lr.id} had already ended ({_ended_words(lr.state)})")
+        c = self._conn(s)
+        gpus = tuple(LeaseGpuInfo(*g) for g in _run(c, _Q_LEASE_GPU_INFO, {"id": lr.id}))
+        _run(c, _Q_END_LEASE, {"lid": lr.id, "state": state, "ended_at": now})
+        self._end_lease(s, lr, [(g.gpu_id, g.bytes) for g in gpus])
+        self._schedule(s, now)
+        names = _run(c, _Q_SERVER_NAME, {"id": lr.server_id})
+        server = names[0][0] if names else ""
+        return LeaseInfo(lr.id, lr.user, lr.server_id, server, lr.address, state, lr.exclusive, gpus,
+                         lr.created_at, lr.expires_at, now, lr.text, lr.ttl_s)
 
     def counts(self, now: float) -> dict[str, int]:
         """Numbers for the status page."""
@@ -1186,7 +1291,8 @@ def _no_lease(lease_id: str) -> NotFound:
 
 
 def _ended_words(state: str) -> str:
-    return {"released": "released", "expired": "expired: it was not renewed in time",
+    return {"released": "released", "abandoned": "abandoned: its holder went away without releasing it",
+            "expired": "expired: it was not renewed in time",
             "server_down": "its server stopped answering", "gpu_gone": "its GPU left the server"}.get(state, state)
 
 

@@ -20,14 +20,16 @@ GiB = 1024**3
 
 
 class Pool:
-    """A controller on 127.0.0.1 (port chosen at run time) with its database at `folder/controller.db`."""
+    """A controller on 127.0.0.1 (port chosen at run time) with its database at `folder/db_name`
+    (its signing key beside it)."""
 
-    def __init__(self, folder: Path, **settings: Any) -> None:
-        self.db_url = f"sqlite:///{Path(folder) / 'controller.db'}"
+    def __init__(self, folder: Path, db_name: str = "controller.db", **settings: Any) -> None:
+        self.db_url = f"sqlite:///{Path(folder) / db_name}"
         base: dict[str, Any] = dict(heartbeat_interval_s=60.0, sweep_interval_s=0.1, poll_interval_s=2.0)
         base.update(settings)
         self.settings = Settings(db_url=self.db_url, admin_token=ADMIN_TOKEN, **base)
         self._clients: list[httpx.Client] = []
+        self._addresses: dict[str, str] = {}  # by server name: one address each (Note [One server per address])
         self.thread = ControllerThread(self.settings).start()
         self.admin = self.client(ADMIN_TOKEN)
 
@@ -52,13 +54,22 @@ class Pool:
 
     def register(self, name: str, *memory: int, model: str = "CPU-backed device", kind: str = "cpu",
                  client: httpx.Client | None = None, **extra: Any) -> dict[str, Any]:
-        """Register a server `name` offering one GPU per entry of `memory` (bytes)."""
-        body = {"name": name, "address": extra.pop("address", f"127.0.0.1:{7000 + len(name)}"),
+        """Register a server `name` offering one GPU per entry of `memory` (bytes), at an address of
+        its own (`address=` gives one)."""
+        body = {"name": name, "address": extra.pop("address", None) or self._address(name),
                 "gpus": [{"index": i, "uuid": f"{name}-uuid-{i}", "model": model, "memory_bytes": m, "kind": kind}
                          for i, m in enumerate(memory)], **extra}
         r = (client or self.admin).post("/v1/servers", json=body)
         r.raise_for_status()
         return dict(r.json())
+
+    def _address(self, name: str) -> str:
+        if name not in self._addresses:
+            port = 7000 + len(name)
+            while f"127.0.0.1:{port}" in self._addresses.values():
+                port += 1
+            self._addresses[name] = f"127.0.0.1:{port}"
+        return self._addresses[name]
 
     def heartbeat(self, name: str, client: httpx.Client | None = None) -> dict[str, Any]:
         r = (client or self.admin).post(f"/v1/servers/{name}/heartbeat", json={"gpus": []})

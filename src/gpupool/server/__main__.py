@@ -8,12 +8,16 @@ import signal
 import socket
 import sys
 import uuid
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from gpupool.netaddr import parse_host_port
 from gpupool.server.device import DeviceInfo, discover
 from gpupool.server.listener import Server, ServerConfig
 from gpupool.units import parse_bytes
+
+if TYPE_CHECKING:
+    from gpupool.controller.client import ServerAgent
 
 
 def main() -> None:
@@ -32,13 +36,18 @@ def main() -> None:
           controller=a.controller, name=a.name, advertise=a.advertise)
 
 
+def with_uuids(devices: list[DeviceInfo], name: str) -> list[DeviceInfo]:
+    """The devices, each with the uuid it is registered under: its own, or for a CPU-backed
+    device a stable made-up one. Leases name GPUs by uuid (Note [Lease binding] in
+    server/admission.py), so the listener must know the same uuids the controller does."""
+    return [d if d.uuid else replace(d, uuid=f"{d.kind}-{uuid.uuid5(uuid.NAMESPACE_DNS, f'{name}/{d.index}')}")
+            for d in devices]
+
+
 def gpu_records(devices: list[DeviceInfo], name: str) -> list[dict[str, Any]]:
-    """The GPUs as the controller registers them. CPU-backed devices get stable made-up UUIDs."""
-    out = []
-    for d in devices:
-        uid = d.uuid or f"{d.kind}-{uuid.uuid5(uuid.NAMESPACE_DNS, f'{name}/{d.index}')}"
-        out.append({"index": d.index, "uuid": uid, "model": d.name, "memory_bytes": d.memory_total, "kind": d.kind})
-    return out
+    """The GPUs as the controller registers them (uuids as `with_uuids` gives them)."""
+    return [{"index": d.index, "uuid": d.uuid, "model": d.name, "memory_bytes": d.memory_total, "kind": d.kind}
+            for d in with_uuids(devices, name)]
 
 
 def serve(
@@ -76,24 +85,8 @@ def serve(
     address = advertise or f"{srv.address[0]}:{srv.address[1]}"
     agent = None
     if controller:
-        from gpupool.controller.client import ControllerClient, ServerAgent
-
-        server_name = name or f"{socket.gethostname()}:{srv.address[1]}"
-        agent = ServerAgent(
-            ControllerClient(controller, token),
-            server_name,
-            address,
-            gpu_records(devices, server_name),
-            labels=labels,
-            usage=srv.usage,
-            on_leases=srv.sync_leases,
-        )
-        try:
-            agent.start()
-        except Exception as e:
-            srv.shutdown()
-            raise SystemExit(f"gpupool server: cannot register with the controller at {controller}: {e}") from e
-        cfg.verify_lease = agent.verify
+        agent = _join_pool(srv, controller, token, name or f"{socket.gethostname()}:{srv.address[1]}",
+                           address, labels)
 
     def stop(*_: object) -> None:
         if agent is not None:
@@ -103,13 +96,38 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for d in devices:
+    for d in cfg.devices:
         label = " (CPU-backed: no GPU on this host)" if d.kind == "cpu" else ""
         print(f"device {d.index}: {d.kind} {d.name}, {d.memory_total} bytes{label}", flush=True)
     if agent is not None:
         print(f"registered with the controller at {controller} as {agent.name}", flush=True)
     print(f"gpupool server listening on {address}", flush=True)
     srv.serve_forever()
+
+
+def _join_pool(srv: Server, controller: str, token: str, server_name: str, address: str,
+               labels: dict[str, str] | None) -> ServerAgent:
+    """Register with the controller and heartbeat once, then wire the agent into the listener.
+
+    Note: this runs before `serve_forever` accepts the first connection, so a restarted server
+    already knows which leases are active (and refuses released ones) when clients come back.
+    """
+    from gpupool.controller.client import ControllerClient, ServerAgent
+
+    cfg = srv.config
+    # The listener matches a lease's GPU to a device by uuid (Note [Lease binding]); the name
+    # (known only once the port is bound) is part of a CPU-backed device's made-up uuid.
+    cfg.devices = with_uuids(cfg.devices, server_name)
+    agent = ServerAgent(ControllerClient(controller, token), server_name, address, gpu_records(cfg.devices, server_name),
+                        labels=labels, usage=srv.usage, on_leases=srv.sync_leases)
+    try:
+        agent.start()
+    except Exception as e:
+        srv.shutdown()
+        raise SystemExit(f"gpupool server: cannot register with the controller at {controller}: {e}") from e
+    cfg.verify_lease = agent.verify
+    cfg.on_lease_abandoned = agent.abandon
+    return agent
 
 
 if __name__ == "__main__":
