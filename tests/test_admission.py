@@ -46,7 +46,10 @@ def hello(**kw: object) -> m.Hello:
     return m.Hello(**base)  # type: ignore[arg-type]
 
 
-def decide(h: m.Hello, holdings: Holdings = Holdings(), token: str = "", pool: bool = True) -> Grant | Refusal:
+NOTHING = Holdings()
+
+
+def decide(h: m.Hello, holdings: Holdings = NOTHING, token: str = "", pool: bool = True) -> Grant | Refusal:
     return admit(h, DEVICES, token, verify if pool else None, holdings, LIMITS)
 
 

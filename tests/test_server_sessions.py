@@ -25,11 +25,11 @@ import torch
 
 import gpupool
 from gpupool.protocol import messages as m
-from gpupool.server.device import discover
 from gpupool.protocol import ops as oplist
+from gpupool.server.device import discover
 from gpupool.server.executor import Executor, OpFailed, Ref, _in_bounds
-from gpupool.server.oppolicy import OpPolicy
 from gpupool.server.listener import Server, ServerConfig
+from gpupool.server.oppolicy import OpPolicy
 from tests.conftest import TOKEN
 from tests.test_bad_input import WAIT, RawClient, gone, ref, status_kib, upload_cmd
 

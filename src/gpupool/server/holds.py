@@ -39,6 +39,9 @@ class Holds:
             return sum(len(s) for s in self._by_lease.values())
 
     def add(self, conn: socket.socket, lease_id: str, welcome: m.Welcome) -> None:
+        from gpupool.server.worker import set_keepalive
+
+        set_keepalive(conn)  # a holder's host that vanished without a FIN is noticed too
         conn.settimeout(2.0)
         try:
             FrameWriter(conn).send(m.plain_encoder.encode(welcome))

@@ -157,6 +157,9 @@ class Server:
             w.expires_at = 0.0 if lease is None else float(lease.get("expires_at", w.expires_at))
         for lease_id in self._holds.leases() - set(active):
             self._holds.end(lease_id, m.Refused("lease", f"lease {lease_id} ended"))
+        with self._lock:
+            # Note: once the controller no longer lists it, the server agent refuses it itself.
+            self._ended_leases &= set(active)
         self.enforce_leases()
 
     def enforce_leases(self, now: float | None = None) -> int:
