@@ -35,13 +35,24 @@ def server(
     name: str = typer.Option(None, help="Name at the controller (default HOST:PORT)."),
     advertise: str = typer.Option(None, help="HOST:PORT clients should connect to (default: the listen address)."),
     handshake_timeout: float = typer.Option(None, help="Seconds a connecting client has to say hello."),
+    no_sandbox: bool = typer.Option(
+        False, "--no-sandbox",
+        help="Debugging only: run session workers without their sandbox (Landlock, seccomp), so "
+             "a kernel exploited by a hostile client could reach this host's files and network.",
+    ),
 ) -> None:
     """Serve this host's GPUs (or CPU-backed devices) to gpupool clients.
 
-    Each session runs in its own worker process pinned to one device; when the client ends or
-    dies, the worker exits and all its memory is freed.
+    The sessions of one lease on one device run in one worker process, which can open no files,
+    sockets or processes (see docs/security.md); when the last of them ends, or every client
+    died, the worker exits and all its memory is freed.
     """
     from gpupool.server.__main__ import serve
+
+    if no_sandbox:
+        import os
+
+        os.environ["GPUPOOL_SANDBOX"] = "off"
 
     try:
         serve(listen, token, memory_limit, cpu_gpus, cpu_gpu_memory, handshake_timeout,

@@ -69,5 +69,6 @@ def status_text(st: dict[str, Any]) -> str:
         f"leases active: {st['leases_active']}, requests waiting: {st['queue_waiting']}",
     ]
     for s in st.get("servers", []):
-        lines.append(f"  {s['name']:<30} {s['address']:<22} {s['state']}{' draining' if s['draining'] else ''}, {s['gpus']} GPU(s), last heartbeat {max(0, int(time.time() - s['last_heartbeat']))} s ago")
+        sandbox = (s.get("labels") or {}).get("sandbox", "unknown")
+        lines.append(f"  {s['name']:<30} {s['address']:<22} {s['state']}{' draining' if s['draining'] else ''}, {s['gpus']} GPU(s), last heartbeat {max(0, int(time.time() - s['last_heartbeat']))} s ago, workers sandboxed: {sandbox}")
     return "\n".join(lines)

@@ -44,6 +44,30 @@ def with_uuids(devices: list[DeviceInfo], name: str) -> list[DeviceInfo]:
             for d in devices]
 
 
+def sandbox_layers() -> str:
+    """The workers' sandbox on this kernel in a few words (the server's `sandbox` label, which
+    `gpupool status` shows): e.g. "landlock-7 seccomp", "seccomp", "off", "none"."""
+    from gpupool.server import sandbox, worker_sandbox
+
+    if worker_sandbox.disabled():
+        return "off"
+    r = sandbox.probe()
+    layers = ([f"landlock-{r.landlock_abi}"] if r.landlock_abi else []) + (["seccomp"] if r.seccomp else [])
+    return " ".join(layers) or "none"
+
+
+def sandbox_line() -> str:
+    """The start-up message's line about the workers' sandbox, with what this kernel lacks."""
+    from gpupool.server import sandbox, worker_sandbox
+
+    if worker_sandbox.disabled():
+        return "NOT sandboxed (--no-sandbox / GPUPOOL_SANDBOX=off): for debugging only"
+    missing = sandbox.probe().missing
+    layers = sandbox_layers()
+    line = f"sandboxed ({layers})" if layers != "none" else "NOT sandboxed"
+    return line + ("; " + "; ".join(missing) if missing else "")
+
+
 def gpu_records(devices: list[DeviceInfo], name: str) -> list[dict[str, Any]]:
     """The GPUs as the controller registers them (uuids as `with_uuids` gives them)."""
     return [{"index": d.index, "uuid": d.uuid, "model": d.name, "memory_bytes": d.memory_total, "kind": d.kind}
@@ -99,6 +123,7 @@ def serve(
     for d in cfg.devices:
         label = " (CPU-backed: no GPU on this host)" if d.kind == "cpu" else ""
         print(f"device {d.index}: {d.kind} {d.name}, {d.memory_total} bytes{label}", flush=True)
+    print(f"session workers: {sandbox_line()}", flush=True)
     if agent is not None:
         print(f"registered with the controller at {controller} as {agent.name}", flush=True)
     print(f"gpupool server listening on {address}", flush=True)
@@ -118,6 +143,7 @@ def _join_pool(srv: Server, controller: str, token: str, server_name: str, addre
     # The listener matches a lease's GPU to a device by uuid (Note [Lease binding]); the name
     # (known only once the port is bound) is part of a CPU-backed device's made-up uuid.
     cfg.devices = with_uuids(cfg.devices, server_name)
+    labels = {**(labels or {}), "sandbox": sandbox_layers()}
     agent = ServerAgent(ControllerClient(controller, token), server_name, address, gpu_records(cfg.devices, server_name),
                         labels=labels, usage=srv.usage, on_leases=srv.sync_leases)
     try:

@@ -86,6 +86,8 @@ def _tolerated_elsewhere(t: torch.Tensor) -> bool:
 
 
 _ALLOC_BYTES = re.compile(r"allocate (\d+) bytes")
+_STRIDED = torch.strided
+_NONE: list[Any] = []  # never appended to: the written tensors of an op that writes none
 
 
 class _Snapshot:
@@ -117,6 +119,7 @@ class Executor:
         self._key = self.budget.new_session() << 64  # this session's ledger keys: key | handle
         self.is_cuda = device.type == "cuda"
         self.policy = policy or OpPolicy()
+        self._specs = self.policy.specs  # the policy's cache, read here without a call per op
         self.ran = record  # if given: where the canonical names of the ops that ran are added
         self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
         self.encoder = m.make_encoder(enc_hook=self._enc_hook)
@@ -279,10 +282,11 @@ class Executor:
 
     def run_op(self, cmd: m.Op) -> tuple[list[torch.Tensor], list[Any]]:
         """Run one op under Note [Checks around an op]; a failed op stores nothing."""
-        spec = self._spec(cmd.op)
+        spec = self._specs.get(cmd.op) or self._spec(cmd.op)
         args = self._resolve(cmd.args)
         kwargs = {k: self._resolve(v) for k, v in cmd.kwargs.items()}
-        self._check_args(spec, args, kwargs)
+        if spec.checked:
+            self._check_args(spec, args, kwargs)
         fixup = None
         if spec.sanitise is not None:
             try:
@@ -293,12 +297,12 @@ class Executor:
             need = spec.estimate(lambda name: spec.arg(name, args, kwargs))
             if need is not None and self.memory_used() + need > self.memory_limit:
                 raise self._oom(need)
-        written = self._written(spec, cmd, args) if spec.writes else []
+        written = self._written(spec, cmd, args) if spec.writes else _NONE
         if spec.out:
             need = out_growth(spec, args, kwargs)
             if need and self.memory_used() + need > self.memory_limit:
                 raise self._oom(need)
-        before = [_Snapshot(t) for _, t in written] if spec.out or spec.restrides else []
+        before = [_Snapshot(t) for _, t in written] if spec.grows else _NONE
         try:
             result = spec.fn(*args, **kwargs)
             if fixup is not None:
@@ -311,14 +315,20 @@ class Executor:
         _flatten(result, tensors, values)
         if len(tensors) != len(cmd.outs) and not (cmd.reply and len(tensors) <= len(cmd.outs)):
             raise OpFailed("op", f"{cmd.op} returned {len(tensors)} tensors, the client expected {len(cmd.outs)}")
-        for t in tensors:
-            self._check_result(spec, t)
+        # Note: only results stored under a new handle are checked: one the client marks -1 is
+        # an input the op wrote (checked by `_refresh`), or, from a lying client, dropped now.
+        dev = self.device
+        for h, t in zip(cmd.outs, tensors):
+            # The common result (strided, a named dtype, on the device, not a view) costs no call.
+            if h >= 0 and (t.layout is not _STRIDED or t.is_nested or t.dtype not in DTYPE_TO_NAME
+                           or t.device != dev or spec.views):
+                self._check_result(spec, t)
         stored = []
         for h, t in zip(cmd.outs, tensors):
             if h >= 0:
                 self._store(h, t)
                 stored.append(h)
-        if self.memory_used() > self.memory_limit:
+        if (self.budget.used() if self.is_cuda else self.ledger.used) > self.budget.limit:
             for h in stored:
                 self._free(h)
             self._roll_back(written, before)
@@ -330,7 +340,7 @@ class Executor:
     def _check_result(self, spec: OpSpec, t: torch.Tensor) -> None:
         """A result the session may keep: a strided dense tensor on its device, inside its
         storage, of a dtype the wire can name (Note [Deny by default] in protocol/ops.py)."""
-        if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.dtype not in DTYPE_TO_NAME:
+        if t.layout is not _STRIDED or t.is_nested or t.dtype not in DTYPE_TO_NAME:  # quantized too
             raise OpFailed("denied", f"{spec.name} made a {t.layout} {t.dtype} tensor: only strided dense tensors may be kept")
         if t.device != self.device and not _tolerated_elsewhere(t):
             raise OpFailed("denied", f"{spec.name} made a tensor on {t.device}, not on the session's device")
@@ -490,7 +500,7 @@ class Executor:
                 self._free(h)
             try:
                 tensors, values = self.run_op(cmd)
-                metas = [_meta(x) for x in tensors] if cmd.reply else []
+                metas = [_meta(x) for x in tensors] if cmd.reply else None
             except Exception as e:  # noqa: BLE001 - deferred to the next sync (or this reply)
                 self._free_outs(cmd)
                 self._record(cmd.seq, cmd.op, e)
@@ -500,7 +510,7 @@ class Executor:
             if cmd.reply:
                 err = self._take_error()
                 try:
-                    encoded = self.encoder.encode(m.OpResult(error=err, metas=metas, values=values))
+                    encoded = self.encoder.encode(m.OpResult(error=err, metas=metas or [], values=values))
                 except TypeError as e:
                     self._free_outs(cmd)
                     failed = m.ErrorInfo(cmd.seq, cmd.op, "op", f"cannot send the result: {e}")

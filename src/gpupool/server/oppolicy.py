@@ -91,6 +91,12 @@ class OpSpec:
     views: bool  # some output aliases an input
     estimate: Estimator | None
     sanitise: sanitisers.Sanitiser | None
+    checked: bool = False  # some argument needs a look before the op runs (`_check_args`)
+    grows: bool = False  # may grow a written tensor's storage: snapshot it to roll back
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checked", bool(self.typed or self.strings or self.generators))
+        object.__setattr__(self, "grows", self.out or self.restrides)
 
     def arg(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """The value of argument `name` as the client passed it (None when absent)."""
@@ -195,14 +201,14 @@ class OpPolicy:
     def __init__(self, allowlist: Allowlist | None = None, unsafe: frozenset[str] | None = None) -> None:
         self.allowlist = allowlist or load()
         self.unsafe = sanitisers.unsafe_kernels() if unsafe is None else unsafe
-        self._specs: dict[str, OpSpec] = {}
+        self.specs: dict[str, OpSpec] = {}  # by the name a client sent
 
     def spec(self, sent: str) -> OpSpec:
-        spec = self._specs.get(sent)
+        spec = self.specs.get(sent)
         if spec is None:
             spec = self._build(sent)
-            if len(self._specs) < 10_000:
-                self._specs[sent] = spec
+            if len(self.specs) < 10_000:
+                self.specs[sent] = spec
         return spec
 
     def _build(self, sent: str) -> OpSpec:
@@ -216,7 +222,3 @@ class OpPolicy:
         except LookupError as e:
             raise OpDenied("unknown_op", f"{e}: the server's torch {torch.__version__} has no such op") from None
         return build_spec(op_name(fn), fn, self.allowlist, self.unsafe)
-
-    def names_seen(self) -> list[str]:
-        """Canonical names of the ops this policy allowed (for `tools/allowlist.py`)."""
-        return sorted({s.name for s in self._specs.values()})
