@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck bench bench-quick bench-gpu clean
+.PHONY: venv demo test lint typecheck bench bench-quick bench-gpu allowlist kernel-sweep clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,14 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/python -m bench.run --quick
+
+# The server's reviewed op data (docs/security.md): regenerate after a torch upgrade, review the diff.
+allowlist: venv
+	$(BIN)/python tools/allowlist.py
+
+kernel-sweep: venv
+	$(BIN)/python tools/kernel_sweep.py -v
+	$(BIN)/python tools/kernel_sweep.py --sanitised --findings
 
 # On a machine with an NVIDIA GPU (no venv: uses the machine's own torch).
 bench-gpu:

@@ -134,7 +134,7 @@ def build_spec(name: str, fn: torch._ops.OpOverload, allowlist: Allowlist,
             writes.append((i, a.name))
             out = out or a.kwarg_only
     sanitise = sanitisers.SANITISERS.get(name)
-    if name in unsafe and sanitise is None:
+    if sanitisers.family(name) in unsafe and sanitise is None:
         raise OpDenied("denied", f"{name} trusts its index or size arguments (see the kernel sweep) and has no sanitiser")
     base = schema.name.partition("::")[2]
     estimate = None if out else ESTIMATORS.get(base)

@@ -75,10 +75,20 @@ def _plane(x: Any, dims: int) -> int:
     return math.prod(x.shape[-dims:])
 
 
+def _tensor(b: Bound, name: str) -> torch.Tensor:
+    t = b.get(name)
+    if not isinstance(t, torch.Tensor):
+        raise SanitiserRefused(f"{name} must be a tensor")
+    return t
+
+
 def _pool_indices(dims: int, of: str = "self") -> Sanitiser:
-    """Max-pooling backward: `indices` index one plane of `of` (flattened spatial position)."""
+    """Max-pooling backward: `indices` (one per output element, so shaped as `grad_output`)
+    index one plane of `of` (flattened spatial position)."""
 
     def sanitise(b: Bound) -> None:
+        if _tensor(b, "indices").shape != _tensor(b, "grad_output").shape:
+            raise SanitiserRefused("indices must have grad_output's shape")
         _clamp(b, "indices", _plane(b.get(of), dims) - 1)
 
     return sanitise
@@ -91,6 +101,8 @@ def _unpool(dims: int) -> Sanitiser:
         size = b.get("output_size")
         if not isinstance(size, list) or len(size) != dims or any(type(s) is not int or s < 0 for s in size):
             raise SanitiserRefused(f"output_size must be {dims} non-negative integers")
+        if _tensor(b, "indices").shape != _tensor(b, "self").shape:
+            raise SanitiserRefused("indices must have the pooled input's shape")
         _clamp(b, "indices", math.prod(size) - 1)
 
     return sanitise
@@ -103,17 +115,143 @@ def _embedding_dense_backward(b: Bound) -> None:
     _clamp(b, "indices", n - 1)
 
 
-def _embedding_bag_backward(b: Bound) -> None:
-    """`indices` index the weight rows, `offset2bag` the bags (rows of `grad`), and
-    `maximum_indices` (max mode) the weight rows again."""
-    n = b.get("num_weights")
-    grad = b.get("grad")
-    if type(n) is not int or n < 0 or not isinstance(grad, torch.Tensor) or grad.dim() < 1:
-        raise SanitiserRefused("num_weights must be a non-negative integer and grad a tensor")
-    _clamp(b, "indices", n - 1)
+def _bag_shapes(b: Bound, rows: int) -> torch.Tensor:
+    """Embedding-bag backward: `grad` has a row per bag, `offset2bag` (empty, or one per index)
+    the bag of each index, `offsets` a start per bag into `indices`; clamps the last two."""
+    grad, indices = _tensor(b, "grad"), _tensor(b, "indices")
+    if grad.dim() != 2:
+        raise SanitiserRefused("grad must be a matrix (one row per bag)")
+    offset2bag = _tensor(b, "offset2bag")
+    if offset2bag.numel() not in (0, indices.numel()):
+        raise SanitiserRefused("offset2bag must be empty or hold one bag per index")
+    weights = b.get("per_sample_weights") if "per_sample_weights" in b.names else None
+    if isinstance(weights, torch.Tensor) and weights.numel() != indices.numel():
+        raise SanitiserRefused("per_sample_weights must hold one weight per index")
+    _clamp(b, "indices", rows - 1)
     _clamp(b, "offset2bag", grad.shape[0] - 1)
-    if "maximum_indices" in b.names:
-        _clamp(b, "maximum_indices", n - 1)
+    _clamp(b, "offsets", indices.numel())
+    return grad
+
+
+def _embedding_bag_backward(b: Bound) -> None:
+    """`indices` (and `maximum_indices`, max mode) index the weight rows, `offset2bag` and
+    `bag_size` the bags (rows of `grad`)."""
+    n = b.get("num_weights")
+    if type(n) is not int or n < 0:
+        raise SanitiserRefused("num_weights must be a non-negative integer")
+    grad = _bag_shapes(b, n)
+    if _tensor(b, "bag_size").numel() < grad.shape[0]:
+        raise SanitiserRefused("bag_size must hold a size per bag")
+    if b.get("mode") == 2 and _tensor(b, "maximum_indices").shape != grad.shape:
+        raise SanitiserRefused("maximum_indices must have grad's shape in max mode")
+    _clamp(b, "maximum_indices", n - 1)
+
+
+def _embedding_bag_weights_backward(b: Bound) -> None:
+    """`_embedding_bag_per_sample_weights_backward`: `indices` index the rows of `weight`."""
+    weight = _tensor(b, "weight")
+    if weight.dim() != 2 or _tensor(b, "grad").shape[-1:] != weight.shape[-1:]:
+        raise SanitiserRefused("weight must be a matrix with grad's row length")
+    _bag_shapes(b, weight.shape[0])
+
+
+def _ints(b: Bound, name: str) -> list[int]:
+    """An `int[]` argument, or an integer tensor's values (read with a sync: the CTC kernels
+    copy them to the host anyway)."""
+    v = b.get(name)
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 1 or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise SanitiserRefused(f"{name} must be a 1-D integer tensor")
+        v = v.tolist()
+    if not isinstance(v, list) or any(type(x) is not int for x in v):
+        raise SanitiserRefused(f"{name} must be a list of integers")
+    return v
+
+
+def _ctc(b: Bound) -> None:
+    """CTC loss and its backward index `log_probs` (T, N, C) by the class ids in `targets` and
+    `blank`, walk each sample's `input_lengths` time steps and `target_lengths` labels (of a
+    padded (N, S) `targets` or a 1-D concatenation), and the backward reads `log_alpha`
+    (N, T, 2 * the longest target + 1) and a loss per sample. Lengths are checked (they are
+    host values), class ids clamped."""
+    log_probs, targets = _tensor(b, "log_probs"), _tensor(b, "targets")
+    if log_probs.dim() != 3:
+        raise SanitiserRefused("log_probs must be (time, batch, classes)")
+    steps, batch, classes = log_probs.shape
+    blank = b.get("blank")
+    blank = 0 if blank is None else blank
+    if type(blank) is not int or not 0 <= blank < classes:
+        raise SanitiserRefused(f"blank must be a class index in [0, {classes})")
+    il, tl = _ints(b, "input_lengths"), _ints(b, "target_lengths")
+    if len(il) != batch or len(tl) != batch:
+        raise SanitiserRefused("input_lengths and target_lengths must hold one length per sample")
+    if any(not 0 <= x <= steps for x in il) or any(x < 0 for x in tl):
+        raise SanitiserRefused(f"input lengths must lie in [0, {steps}] and target lengths be non-negative")
+    if targets.dim() == 2:
+        if targets.shape[0] != batch or any(x > targets.shape[1] for x in tl):
+            raise SanitiserRefused("padded targets must have a row per sample, each as long as its length")
+    elif targets.dim() != 1 or sum(tl) > targets.numel():
+        raise SanitiserRefused("targets must be (batch, length) or the concatenation of the targets")
+    if "log_alpha" in b.names:
+        alpha, nll, grad = _tensor(b, "log_alpha"), _tensor(b, "neg_log_likelihood"), _tensor(b, "grad")
+        if alpha.dim() != 3 or alpha.shape[:2] != (batch, steps) or alpha.shape[2] < 2 * max(tl, default=0) + 1:
+            raise SanitiserRefused("log_alpha must be (batch, time, 2 * longest target + 1)")
+        if nll.shape != (batch,) or grad.numel() != batch:
+            raise SanitiserRefused("neg_log_likelihood and grad must hold one loss per sample")
+    _clamp(b, "targets", classes - 1)
+
+
+def _fft(b: Bound) -> None:
+    """The internal FFT kernels take dimensions already wrapped and do not check them."""
+    x, dims = _tensor(b, "self"), b.get("dim")
+    if not isinstance(dims, list) or any(type(d) is not int or not -x.dim() <= d < x.dim() for d in dims):
+        raise SanitiserRefused(f"dim must list dimensions of a {x.dim()}-D tensor")
+    wrapped = [d % x.dim() for d in dims]
+    if len(set(wrapped)) != len(wrapped):
+        raise SanitiserRefused("dim must not repeat a dimension")
+    if b.get("normalization") not in (0, 1, 2):
+        raise SanitiserRefused("normalization must be 0, 1 or 2")
+    b.set("dim", wrapped)
+
+
+def _grid_sampler(b: Bound) -> None:
+    """The grid samplers dispatch on the mode integers without a default case."""
+    if b.get("interpolation_mode") not in (0, 1, 2) or b.get("padding_mode") not in (0, 1, 2):
+        raise SanitiserRefused("interpolation_mode and padding_mode must be 0, 1 or 2")
+
+
+def _segments(b: Bound) -> None:
+    """`segment_reduce` and its backward walk the segments that `lengths` or `offsets` describe
+    along `axis` of `data`; only lengths are checked by PyTorch, and only forward. Both are
+    checked here, by value (a sync; these ops are rare)."""
+    data = _tensor(b, "data")
+    axis = b.get("axis")
+    axis = 0 if axis is None else axis
+    if "indices" in b.names and b.get("indices") is not None:
+        raise SanitiserRefused("segment_reduce with indices is not supported")
+    lengths, offsets = b.get("lengths"), b.get("offsets")
+    seg = lengths if isinstance(lengths, torch.Tensor) else offsets
+    if not isinstance(seg, torch.Tensor) or (lengths is not None and offsets is not None):
+        raise SanitiserRefused("give exactly one of lengths and offsets, as a tensor")
+    if type(axis) is not int or axis != seg.dim() - 1 or not 0 <= axis < data.dim() \
+            or seg.shape[:axis] != data.shape[:axis] or seg.is_floating_point():
+        raise SanitiserRefused("lengths/offsets must be integers shaped as data up to axis, with axis last")
+    size = data.shape[axis]
+    if seg is lengths:
+        ok = bool((seg >= 0).all()) and bool((seg.sum(-1) == size).all())
+        segments = seg.shape[-1]
+    else:
+        ok = seg.shape[-1] >= 1 and bool((seg[..., :1] >= 0).all()) and bool((seg[..., -1:] <= size).all()) \
+            and bool((seg.diff(dim=-1) >= 0).all())
+        segments = seg.shape[-1] - 1
+    if not ok:
+        raise SanitiserRefused(f"segments must be non-negative and cover the {size} elements along axis")
+    if "output" in b.names:
+        shape = (*data.shape[:axis], segments, *data.shape[axis + 1:])
+        if tuple(_tensor(b, "output").shape) != shape or tuple(_tensor(b, "grad").shape) != shape:
+            raise SanitiserRefused("output and grad must have one entry per segment")
+    if "unsafe" in b.names and b.get("unsafe"):
+        b.set("unsafe", False)
 
 
 #: Highest polynomial degree the `special_*_polynomial_*` kernels are given: their CPU and
@@ -220,6 +358,18 @@ SANITISERS: dict[str, Sanitiser] = {
     "aten::embedding_dense_backward.out": _embedding_dense_backward,
     "aten::_embedding_bag_dense_backward": _embedding_bag_backward,
     "aten::_embedding_bag_dense_backward.out": _embedding_bag_backward,
+    "aten::_embedding_bag_backward": _embedding_bag_backward,
+    "aten::_embedding_bag_per_sample_weights_backward": _embedding_bag_weights_backward,
+    "aten::_embedding_bag_per_sample_weights_backward.out": _embedding_bag_weights_backward,
+    **{f"aten::{op}{overload}": _ctc for op in ("_ctc_loss", "_ctc_loss_backward")
+       for overload in ("", ".Tensor", ".out", ".Tensor_out")},
+    **{f"aten::_fft_{kind}{overload}": _fft for kind in ("c2c", "c2r", "r2c") for overload in ("", ".out")},
+    **{f"aten::grid_sampler_{d}d{suffix}": _grid_sampler for d in (2, 3)
+       for suffix in ("", ".out", "_backward", "_backward.out")},
+    "aten::segment_reduce": _segments,
+    "aten::segment_reduce.out": _segments,
+    "aten::_segment_reduce_backward": _segments,
+    "aten::_segment_reduce_backward.out": _segments,
     # CUDA's fused attention (what gpupool's SDPA routing sends to a CUDA server): not reached
     # by the CPU kernel sweep, so their shapes are checked against each other instead.
     "aten::_scaled_dot_product_flash_attention_backward": _flash_backward,
@@ -227,11 +377,24 @@ SANITISERS: dict[str, Sanitiser] = {
 }
 
 
+def family(name: str) -> str:
+    """The kernel family of an overload: `aten::_fft_c2c.out`, `aten::index_add_` and
+    `aten::index_add.out` are `aten::_fft_c2c`, `aten::index_add`.
+
+    Note [Kernel families]: the sweep calls what real code calls, mostly the functional
+    overload, but the in-place and `out=` overloads of an op run the same kernel (structured
+    kernels, or a functional kernel writing into the given tensor). So a finding on one overload
+    makes the whole family need a sanitiser, and a family swept clean covers its siblings."""
+    base = name.split(".", 1)[0]
+    return base[:-1] if base.endswith("_") and not base.endswith("__") else base
+
+
 @lru_cache(maxsize=1)
 def unsafe_kernels(path: Path = SWEEP_FILE) -> frozenset[str]:
-    """Ops the kernel sweep found reading, writing or spinning out of bounds."""
+    """Families (Note [Kernel families]) of the ops the kernel sweep found reading, writing or
+    spinning out of bounds."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return frozenset()
-    return frozenset(f["op"] for f in data.get("unsafe", []))
+    return frozenset(family(f["op"]) for f in data.get("unsafe", []))
