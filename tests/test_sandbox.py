@@ -178,3 +178,33 @@ def test_gpupool_status_says_whether_workers_are_sandboxed(tmp_path: Path) -> No
     finally:
         srv.stop()
         ctl.stop()
+
+
+def test_a_sandboxed_worker_serves_an_allowlist_from_anywhere(tmp_path: Path) -> None:
+    """$GPUPOOL_ALLOWLIST may name a file the sandbox would not let the worker open: the worker
+    reads its policy before it restricts itself, and then enforces that list."""
+    import torch
+
+    import gpupool
+
+    listed = tmp_path / "ops.txt"
+    listed.write_text("[ops]\naten::_to_copy\naten::_copy_from\naten::empty.memory_format\naten::copy_\n"
+                      "aten::exp\naten::empty_strided\n")
+    before = os.environ.get("GPUPOOL_ALLOWLIST")
+    os.environ["GPUPOOL_ALLOWLIST"] = str(listed)
+    try:
+        srv = ServerProc("--cpu-gpus", "1")
+    finally:
+        if before is None:
+            del os.environ["GPUPOOL_ALLOWLIST"]
+        else:
+            os.environ["GPUPOOL_ALLOWLIST"] = before
+    try:
+        s = gpupool.connect(srv.address, token=srv.token)
+        x = torch.randn(4)
+        torch.testing.assert_close(x.to(s.device).exp().cpu(), x.exp())
+        with pytest.raises(gpupool.RemoteOpError, match=r"aten::neg is not on the server.s op allowlist \(ops.txt\)"):
+            (-x.to(s.device)).cpu()
+        s.close()
+    finally:
+        srv.stop()

@@ -30,9 +30,12 @@ import socket
 import sys
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpupool.protocol.framing import FrameWriter
+
+if TYPE_CHECKING:
+    from gpupool.server.oppolicy import OpPolicy
 
 log = logging.getLogger("gpupool.worker")
 
@@ -164,16 +167,16 @@ class WorkerHost:
     is like two CUDA streams of one process sharing a GPU.
     """
 
-    def __init__(self, ctl: socket.socket, info: dict[str, Any], seen_fd: int | None = None) -> None:
+    def __init__(self, ctl: socket.socket, info: dict[str, Any], policy: OpPolicy,
+                 seen_fd: int | None = None) -> None:
         from gpupool.server.memory import Budget
-        from gpupool.server.oppolicy import OpPolicy
 
         self.ctl: socket.socket | None = ctl
         self.guard = SendGuard()
         self.sessions: dict[int, _Session] = {}
         self.device, limit = _setup_device(info)
         self.budget = Budget(self.device, limit)
-        self.policy = OpPolicy()
+        self.policy = policy
         self.seen_fd = seen_fd
         self.ran: set[str] | None = set() if seen_fd is not None else None
         self._lock = threading.Lock()
@@ -404,11 +407,15 @@ def main() -> None:
     import gpupool.server.executor  # noqa: F401
     from gpupool.server import worker_sandbox
     from gpupool.server.memory import warm_threads
+    from gpupool.server.oppolicy import OpPolicy
 
     warnings.simplefilter("ignore")  # a kernel's warnings would only fill the server's log
     seen_fd = _open_seen_file()
     profile = os.environ.get("GPUPOOL_PROFILE_DIR")
     profile_fd = os.open(os.path.join(profile, f"worker-{os.getpid()}.prof"), os.O_WRONLY | os.O_CREAT, 0o600) if profile else None
+    # The policy reads its data files ($GPUPOOL_ALLOWLIST may be anywhere) before the sandbox
+    # closes the file system.
+    policy = OpPolicy()
     log.info("worker %d: %s", os.getpid(), worker_sandbox.apply())
     _die_with_parent(lifeline)
     threads = os.environ.get("GPUPOOL_WORKER_THREADS", "")
@@ -435,7 +442,7 @@ def main() -> None:
         info = json.loads(msg)
     except ValueError:
         os._exit(1)
-    host = WorkerHost(ctl, info, seen_fd)
+    host = WorkerHost(ctl, info, policy, seen_fd)
     host.add(conn, info)
     if profile_fd is not None:  # development aid: cProfile the worker into PROFILE_DIR
         import cProfile
