@@ -102,19 +102,71 @@ def test_max_pool_backward_with_forged_indices_stays_in_its_tensor(srv, healthy)
 
 
 def test_embedding_bag_backward_with_forged_offsets_stays_in_its_tensor(srv, healthy) -> None:
-    """The attack: `_embedding_bag_dense_backward` read at any `offset2bag` value."""
+    """The attack: embedding-bag backward read at any `offset2bag` value and wrote at any
+    `indices` value (what autograd sends: `_embedding_bag_backward`). Sanitised, both are
+    clamped: the gradient stays inside the weight's rows."""
     c = Wire(srv.address)
     c.put(1, torch.ones(2, 3))  # grad: 2 bags, dim 3
-    c.put(2, torch.tensor([0, 1, 2, 3]))  # indices into 5 weight rows
-    c.put(4, torch.tensor([1, 1]))  # bag_size
-    c.put(5, torch.zeros(0, dtype=torch.int64))  # maximum_indices (sum mode)
-    for bad in (2, 1 << 40, -(1 << 40)):
-        c.put(3, torch.tensor([0, 0, 1, bad]))  # offset2bag
-        c.op("aten::_embedding_bag_dense_backward", [ref(1), ref(2), ref(3), ref(4), ref(5), 5, False, 0, None], [6])
+    c.put(7, torch.tensor([0, 2]))  # offsets
+    c.put(4, torch.tensor([2, 2]))  # bag_size
+    c.put(5, torch.zeros(2, dtype=torch.int64))  # maximum_indices (sum mode)
+    for indices, offset2bag in (([0, 1, 2, 3], [0, 0, 1, 2]), ([0, 1, 2, 3], [0, 0, 1, 1 << 40]),
+                                ([0, 1, 2, 1 << 40], [0, 0, 1, 1]), ([0, 1, 2, -(1 << 40)], [0, 0, 1, -1])):
+        c.put(2, torch.tensor(indices))  # into 5 weight rows
+        c.put(3, torch.tensor(offset2bag))
+        c.op("aten::_embedding_bag_backward",
+             [ref(1), ref(2), ref(7), ref(3), ref(4), ref(5), 5, False, 0, False, None], [6])
+        assert c.error() is None  # clamped into the rows and bags, not refused
+        got = c.get(6, torch.float32, (5, 3))
+        assert torch.equal(got.sum(0), torch.full((3,), 4.0)), got  # 4 indices, each one row
+        assert torch.equal(got[1:3], torch.ones(2, 3))  # the legitimate indices keep their rows
+    c.close()
+    assert_healthy(srv, healthy)
+
+
+def test_ctc_loss_with_forged_lengths_targets_or_blank_is_refused_or_clamped(srv, healthy) -> None:
+    """The attack (found by the kernel sweep): `_ctc_loss` and its backward walk whatever
+    lengths they are given and index the classes by any target or blank value; -1 or 2**40
+    wrote out of bounds or segfaulted the worker."""
+    c = Wire(srv.address)
+    steps, batch, classes = 6, 2, 4
+    log_probs = torch.randn(steps, batch, classes).log_softmax(2)
+    c.put(1, log_probs)
+    good_targets = torch.tensor([[1, 2], [3, 1]])
+    for bad in ({"il": [steps + 1, 5]}, {"il": [-1, 5]}, {"tl": [2, 1 << 40]}, {"blank": classes},
+                {"blank": -1}):
+        c.put(2, good_targets)
+        c.op("aten::_ctc_loss", [ref(1), ref(2), bad.get("il", [6, 5]), bad.get("tl", [2, 2]), bad.get("blank", 0)],
+             [3, 4])
         err = c.error()
-        assert err is None or err.kind in ("op", "denied"), err
-        if err is None:
-            assert c.get(6, torch.float32, (5, 3)).isfinite().all()
+        assert err is not None and err.kind == "denied" and "must" in err.message, (bad, err)
+    c.put(2, torch.tensor([[1, 1 << 40], [-5, 1]]))  # class ids: clamped into the classes
+    c.op("aten::_ctc_loss", [ref(1), ref(2), [6, 5], [2, 2], 0], [3, 4])
+    assert c.error() is None
+    clamped = torch.tensor([[1, classes - 1], [0, 1]])
+    want = torch.ops.aten._ctc_loss(log_probs, clamped, [6, 5], [2, 2], 0)[0]
+    torch.testing.assert_close(c.get(3, torch.float32, (batch,)), want)
+    c.close()
+    assert_healthy(srv, healthy)
+
+
+@pytest.mark.parametrize("op, args, expect", [
+    ("aten::grid_sampler_2d", lambda: [ref(1), ref(2), -1, 0, False], "interpolation_mode"),
+    ("aten::grid_sampler_2d", lambda: [ref(1), ref(2), 0, 7, False], "padding_mode"),
+    ("aten::_fft_r2c", lambda: [ref(1), [1 << 40], 0, True], "dim must list"),
+    ("aten::_fft_r2c", lambda: [ref(1), [3, -1], 0, True], "must not repeat"),
+])
+def test_unchecked_dims_and_modes_are_refused(srv, healthy, op: str, args, expect: str) -> None:
+    """The attack (found by the kernel sweep): the grid samplers read out of bounds for a mode
+    outside their enum, and the internal FFT kernels crash on a dimension past the tensor's."""
+    c = Wire(srv.address)
+    c.put(1, torch.randn(1, 2, 4, 4))
+    c.put(2, torch.rand(1, 3, 3, 2) * 2 - 1)
+    c.op(op, args(), [3])
+    err = c.error()
+    assert err is not None and err.kind == "denied" and expect in err.message, err
+    c.op(op, [ref(1), ref(2), 0, 0, False] if "grid" in op else [ref(1), [3], 0, True], [3])
+    assert c.error() is None  # the same op with legitimate arguments runs
     c.close()
     assert_healthy(srv, healthy)
 
