@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,24 +24,30 @@ from gpupool.server.sanitisers import SANITISERS, SWEEP_FILE, family  # noqa: E4
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> None:
-    import torch
+def _in_child(expr: str) -> Any:
+    """Evaluate `expr` (with `kernel_sweep` imported) in a fresh interpreter; its JSON value.
 
-    torch.set_num_threads(1)  # a forked child of a process with a thread pool may hang
+    The sweep forks, sets torch to one thread and runs kernels with hostile arguments: none of
+    that may touch the test process (other tests compare results bit for bit), and nothing an
+    earlier test left in this process (threads, torch modes) may change what the sweep sees."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import torch; "
+            f"torch.set_num_threads(1); import kernel_sweep; print(json.dumps({expr}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _sweep(ops: set[str], sources: list[str], sanitised: bool) -> dict[str, object]:
-    return kernel_sweep.sweep(ops, sources, sanitised, verbose=False)
+def _sweep(ops: set[str], sources: list[str], sanitised: bool) -> Any:
+    return _in_child(f"kernel_sweep.sweep(set({sorted(ops)!r}), {sources!r}, {sanitised}, False)")
 
 
 def test_the_raw_sweep_finds_the_kernels_that_write_out_of_bounds() -> None:
     ops = {"aten::max_pool2d_with_indices_backward", "aten::embedding_dense_backward", "aten::index_select"}
     data = _sweep(ops, ["model:cnn", "model:embeddings", "model:indexing"], sanitised=False)
-    unsafe = {f["op"] for f in data["unsafe"]}  # type: ignore[union-attr,index]
+    unsafe = {f["op"] for f in data["unsafe"]}
     assert {"aten::max_pool2d_with_indices_backward", "aten::embedding_dense_backward"} <= unsafe
     # index_select checks its indices: swept, and clean
-    assert "aten::index_select" in data["swept"]  # type: ignore[operator]
+    assert "aten::index_select" in data["swept"]
     assert "aten::index_select" not in unsafe
 
 
@@ -49,12 +56,12 @@ def test_sanitised_the_same_attacks_find_nothing() -> None:
            "aten::_embedding_bag_backward"}
     data = _sweep(ops, ["model:cnn", "model:embeddings"], sanitised=True)
     assert data["unsafe"] == [], data["unsafe"]
-    assert set(data["swept"]) == ops  # type: ignore[arg-type]
+    assert set(data["swept"]) == ops
 
 
 def test_every_recorded_finding_is_gone_through_the_sanitisers() -> None:
     """Each finding of the shipped data file, re-run as recorded but sanitised."""
-    results = kernel_sweep.replay_findings(sanitised=True)
+    results = _in_child("kernel_sweep.replay_findings(sanitised=True)")
     assert len(results) >= 30
     still = [r for r in results if r["now"] in kernel_sweep.UNSAFE or r["now"].startswith("not reproduced")]
     assert not still, still
