@@ -138,18 +138,11 @@ def _status(pid: int) -> dict[str, str]:
 
 
 @needs_seccomp
-def test_session_workers_run_sandboxed() -> None:
+def test_session_workers_run_sandboxed(monkeypatch: pytest.MonkeyPatch) -> None:
     """A real server's session worker: no_new_privs set and a seccomp filter installed (the
     Landlock domain is not visible in /proc; the worker logs it)."""
-    env_before = os.environ.get("GPUPOOL_LOG")
-    os.environ["GPUPOOL_LOG"] = "INFO"
-    try:
-        srv = ServerProc("--cpu-gpus", "1")
-    finally:
-        if env_before is None:
-            del os.environ["GPUPOOL_LOG"]
-        else:
-            os.environ["GPUPOOL_LOG"] = env_before
+    monkeypatch.setenv("GPUPOOL_LOG", "INFO")
+    srv = ServerProc("--cpu-gpus", "1")
     try:
         c = RawClient(srv.address)
         assert c.sync().error is None
@@ -180,7 +173,7 @@ def test_gpupool_status_says_whether_workers_are_sandboxed(tmp_path: Path) -> No
         ctl.stop()
 
 
-def test_a_sandboxed_worker_serves_an_allowlist_from_anywhere(tmp_path: Path) -> None:
+def test_a_sandboxed_worker_serves_an_allowlist_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$GPUPOOL_ALLOWLIST may name a file the sandbox would not let the worker open: the worker
     reads its policy before it restricts itself, and then enforces that list."""
     import torch
@@ -190,15 +183,8 @@ def test_a_sandboxed_worker_serves_an_allowlist_from_anywhere(tmp_path: Path) ->
     listed = tmp_path / "ops.txt"
     listed.write_text("[ops]\naten::_to_copy\naten::_copy_from\naten::empty.memory_format\naten::copy_\n"
                       "aten::exp\naten::empty_strided\n")
-    before = os.environ.get("GPUPOOL_ALLOWLIST")
-    os.environ["GPUPOOL_ALLOWLIST"] = str(listed)
-    try:
-        srv = ServerProc("--cpu-gpus", "1")
-    finally:
-        if before is None:
-            del os.environ["GPUPOOL_ALLOWLIST"]
-        else:
-            os.environ["GPUPOOL_ALLOWLIST"] = before
+    monkeypatch.setenv("GPUPOOL_ALLOWLIST", str(listed))
+    srv = ServerProc("--cpu-gpus", "1")
     try:
         s = gpupool.connect(srv.address, token=srv.token)
         x = torch.randn(4)
