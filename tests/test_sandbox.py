@@ -183,8 +183,9 @@ def test_a_sandboxed_worker_serves_an_allowlist_from_anywhere(tmp_path: Path, mo
     listed = tmp_path / "ops.txt"
     listed.write_text("[ops]\naten::_to_copy\naten::_copy_from\naten::empty.memory_format\naten::copy_\n"
                       "aten::exp\naten::empty_strided\n")
-    monkeypatch.setenv("GPUPOOL_ALLOWLIST", str(listed))
-    srv = ServerProc("--cpu-gpus", "1")
+    with monkeypatch.context() as env:  # the server's list only: the client checks against its own
+        env.setenv("GPUPOOL_ALLOWLIST", str(listed))
+        srv = ServerProc("--cpu-gpus", "1")
     try:
         s = gpupool.connect(srv.address, token=srv.token)
         x = torch.randn(4)
@@ -194,3 +195,16 @@ def test_a_sandboxed_worker_serves_an_allowlist_from_anywhere(tmp_path: Path, mo
         s.close()
     finally:
         srv.stop()
+
+
+def test_a_server_whose_allowlist_cannot_load_refuses_to_start(tmp_path: Path) -> None:
+    """Rather than listen and fail every session: the error names the file and the line."""
+    bad = tmp_path / "ops.txt"
+    bad.write_text("[ops]\nnot an op\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "gpupool", "server", "--listen", "127.0.0.1:0", "--token", "t", "--cpu-gpus", "1"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, GPUPOOL_ALLOWLIST=str(bad)),
+    )
+    assert out.returncode != 0
+    assert f"gpupool server: {bad}:2: 'not an op' is not a canonical op name" in out.stderr, out.stderr
+    assert "listening" not in out.stdout

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gpupool.netaddr import parse_host_port
+from gpupool.protocol import ops as ops_allowlist
 from gpupool.server.device import DeviceInfo, discover
 from gpupool.server.listener import Server, ServerConfig
 from gpupool.units import parse_bytes
@@ -95,6 +96,10 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     host, port = parse_host_port(listen, "listen address")
+    try:  # every worker loads it; a list that cannot load would fail each session instead
+        allowed = ops_allowlist.load()
+    except ops_allowlist.AllowlistError as e:
+        raise SystemExit(f"gpupool server: {e}") from None
     devices = discover(cpu_gpus, parse_bytes(cpu_gpu_memory))
     cfg = ServerConfig(
         host,
@@ -123,7 +128,7 @@ def serve(
     for d in cfg.devices:
         label = " (CPU-backed: no GPU on this host)" if d.kind == "cpu" else ""
         print(f"device {d.index}: {d.kind} {d.name}, {d.memory_total} bytes{label}", flush=True)
-    print(f"session workers: {sandbox_line()}", flush=True)
+    print(f"session workers: {sandbox_line()}; {len(allowed.ops)} ops allowed ({allowed.source})", flush=True)
     if agent is not None:
         print(f"registered with the controller at {controller} as {agent.name}", flush=True)
     print(f"gpupool server listening on {address}", flush=True)
