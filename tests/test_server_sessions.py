@@ -28,6 +28,7 @@ from gpupool.protocol import messages as m
 from gpupool.protocol import ops as oplist
 from gpupool.server.device import discover
 from gpupool.server.executor import Executor, OpFailed, Ref, _in_bounds
+from gpupool.server.gate import GateLimits
 from gpupool.server.listener import Server, ServerConfig
 from gpupool.server.oppolicy import OpPolicy
 from tests.conftest import TOKEN
@@ -209,7 +210,7 @@ def test_concurrent_connects_leave_one_spare_and_no_zombies(listener) -> None:
 
 def test_handshake_slots_are_bounded(listener) -> None:
     srv, t, address = _start(
-        ServerConfig("127.0.0.1", 0, TOKEN, discover(1, 8 * 1024**3), max_handshakes=2, handshake_timeout=WAIT)
+        ServerConfig("127.0.0.1", 0, TOKEN, discover(1, 8 * 1024**3), limits=GateLimits(max_handshakes=2, handshake_timeout=WAIT))
     )
     try:
         idle = [RawClient(address, hello=False) for _ in range(2)]

@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 import torch
 
+from gpupool import tls as tls_policy
 from gpupool.errors import (
     AuthError,
     ConnectError,
@@ -139,13 +140,10 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class Connection:
-    def __init__(self, address: str, token: str, timeout: float = 30.0, lease: str = "", gpu: int = 0) -> None:
-        host, port = parse_address(address)
+    def __init__(self, address: str, token: str, timeout: float = 30.0, lease: str = "", gpu: int = 0,
+                 tls: bool | None = None) -> None:
         self.address = address
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as e:
-            raise ConnectError(f"cannot reach gpupool server at {address}: {e}") from e
+        sock = tls_policy.connect(address, timeout, tls)
         self._sock = sock
         self._writer = FrameWriter(sock)
         self._reader = FrameReader(sock)

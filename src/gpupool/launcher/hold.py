@@ -15,8 +15,8 @@ import socket
 import threading
 from collections.abc import Callable
 
+from gpupool import tls as tls_policy
 from gpupool.errors import ConnectError, GpupoolError, LeaseError, ProtocolError
-from gpupool.netaddr import parse_host_port
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter, Limits
 from gpupool.protocol.version import PROTOCOL_VERSION
@@ -47,11 +47,7 @@ class LeaseHold:
     def open(self) -> LeaseHold:
         """Connect and be welcomed; raises LeaseError (the server refused the lease) or
         ConnectError (it cannot be reached)."""
-        try:
-            host, port = parse_host_port(self.address, "server address")
-            sock = socket.create_connection((host, port), timeout=self._timeout)
-        except (OSError, ValueError) as e:
-            raise ConnectError(f"cannot reach the lease's server at {self.address}: {e}") from e
+        sock = tls_policy.connect(self.address, self._timeout, what="lease's server")
         try:
             self.session = self._handshake(sock)
         except BaseException:
@@ -96,7 +92,8 @@ class LeaseHold:
         if self._sock is None:
             return
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the watching thread
+            # Note: the socket's own shutdown, not SSLSocket's, which drops its TLS state.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # wakes the watching thread
         except OSError:
             pass
         self._thread.join(10)

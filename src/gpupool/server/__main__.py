@@ -6,15 +6,17 @@ import argparse
 import logging
 import signal
 import socket
+import ssl
 import sys
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gpupool.netaddr import parse_host_port
 from gpupool.protocol import ops as ops_allowlist
 from gpupool.server.device import DeviceInfo, discover
 from gpupool.server.listener import Server, ServerConfig
+from gpupool.tls import is_loopback, listen_tls
 from gpupool.units import parse_bytes
 
 if TYPE_CHECKING:
@@ -32,9 +34,14 @@ def main() -> None:
     p.add_argument("--controller", default=None, help="URL of the pool controller (pool mode)")
     p.add_argument("--name", default=None)
     p.add_argument("--advertise", default=None)
+    p.add_argument("--idle-timeout", type=float, default=None, help="seconds a session may send nothing (0: never)")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--insecure", action="store_true", help="plain TCP on a non-loopback address")
     a = p.parse_args()
     serve(a.listen, a.token, a.memory_limit, a.cpu_gpus, a.cpu_gpu_memory, a.handshake_timeout,
-          controller=a.controller, name=a.name, advertise=a.advertise)
+          controller=a.controller, name=a.name, advertise=a.advertise, idle_timeout=a.idle_timeout,
+          tls=Tls(a.tls_cert, a.tls_key, a.insecure))
 
 
 def with_uuids(devices: list[DeviceInfo], name: str) -> list[DeviceInfo]:
@@ -75,6 +82,15 @@ def gpu_records(devices: list[DeviceInfo], name: str) -> list[dict[str, Any]]:
             for d in with_uuids(devices, name)]
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The data plane's TLS settings (Note [When TLS is required] in tls.py)."""
+
+    cert: str | None = None
+    key: str | None = None
+    insecure: bool = False
+
+
 def serve(
     listen: str,
     token: str,
@@ -86,6 +102,8 @@ def serve(
     name: str | None = None,
     advertise: str | None = None,
     labels: dict[str, str] | None = None,
+    idle_timeout: float | None = None,
+    tls: Tls = Tls(),
 ) -> None:
     """Run a server in the foreground until SIGTERM/SIGINT.
 
@@ -100,6 +118,10 @@ def serve(
         allowed = ops_allowlist.load()
     except ops_allowlist.AllowlistError as e:
         raise SystemExit(f"gpupool server: {e}") from None
+    try:
+        server_tls = listen_tls(host, tls.cert, tls.key, tls.insecure, "gpupool server")
+    except (ValueError, OSError, ssl.SSLError) as e:
+        raise SystemExit(f"gpupool server: {e}") from None
     devices = discover(cpu_gpus, parse_bytes(cpu_gpu_memory))
     cfg = ServerConfig(
         host,
@@ -109,7 +131,11 @@ def serve(
         parse_bytes(memory_limit) if memory_limit else None,
     )
     if handshake_timeout is not None:
-        cfg.handshake_timeout = handshake_timeout
+        cfg.limits = replace(cfg.limits, handshake_timeout=handshake_timeout)
+    if idle_timeout is not None:
+        cfg.idle_timeout = idle_timeout
+    if server_tls is not None:
+        cfg.tls = server_tls.context
     srv = Server(cfg)
     address = advertise or f"{srv.address[0]}:{srv.address[1]}"
     agent = None
@@ -131,6 +157,13 @@ def serve(
     print(f"session workers: {sandbox_line()}; {len(allowed.ops)} ops allowed ({allowed.source})", flush=True)
     if agent is not None:
         print(f"registered with the controller at {controller} as {agent.name}", flush=True)
+    if server_tls is not None:
+        plane = f"TLS (certificate {tls.cert})"
+    elif is_loopback(host):
+        plane = "plain TCP (loopback only)"
+    else:
+        plane = "plain TCP (--insecure: tokens and tensors cross the network in clear)"
+    print(f"data plane: {plane}", flush=True)
     print(f"gpupool server listening on {address}", flush=True)
     srv.serve_forever()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ class Holds:
         self._sel = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._by_lease: dict[str, set[socket.socket]] = {}
+        self._released: dict[socket.socket, Callable[[], None]] = {}  # called when it closes
         self._wake_r, self._wake_w = socket.socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
@@ -38,7 +40,9 @@ class Holds:
         with self._lock:
             return sum(len(s) for s in self._by_lease.values())
 
-    def add(self, conn: socket.socket, lease_id: str, welcome: m.Welcome) -> None:
+    def add(self, conn: socket.socket, lease_id: str, welcome: m.Welcome,
+            on_closed: Callable[[], None] = lambda: None) -> None:
+        """Hold `conn` (plain or TLS) for `lease_id`; `on_closed` runs once when it closes."""
         from gpupool.server.worker import set_keepalive
 
         set_keepalive(conn)  # a holder's host that vanished without a FIN is noticed too
@@ -47,10 +51,12 @@ class Holds:
             FrameWriter(conn).send(m.plain_encoder.encode(welcome))
         except Exception:  # noqa: BLE001 - the holder is gone already: nothing to hold
             conn.close()
+            on_closed()
             return
         conn.setblocking(False)
         with self._lock:
             self._by_lease.setdefault(lease_id, set()).add(conn)
+            self._released[conn] = on_closed
             self._sel.register(conn, selectors.EVENT_READ, lease_id)
         self._wake()
 
@@ -67,7 +73,7 @@ class Holds:
                 FrameWriter(c).send(m.plain_encoder.encode(refused))
             except Exception:  # noqa: BLE001 - best effort: the holder may be gone
                 pass
-            c.close()
+            self._close(c)
 
     def leases(self) -> set[str]:
         with self._lock:
@@ -78,10 +84,17 @@ class Holds:
         self._wake()
         self._thread.join(5)
         with self._lock:
-            for conns in self._by_lease.values():
-                for c in conns:
-                    c.close()
+            conns = [c for cs in self._by_lease.values() for c in cs]
             self._by_lease.clear()
+        for c in conns:
+            self._close(c)
+
+    def _close(self, conn: socket.socket) -> None:
+        conn.close()
+        with self._lock:
+            released = self._released.pop(conn, None)
+        if released is not None:
+            released()
 
     def _wake(self) -> None:
         try:
@@ -101,8 +114,8 @@ class Holds:
         """`conn` is readable: its holder closed it (or broke the rule and sent something)."""
         try:
             data = conn.recv(1)
-        except BlockingIOError:
-            return
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # e.g. a TLS record with no data in it
         except OSError:
             data = b""
         if data:
@@ -116,7 +129,7 @@ class Holds:
             last = not conns
             if last:
                 del self._by_lease[lease_id]
-        conn.close()
+        self._close(conn)
         if last:
             log.info("lease %s: its holder hung up", lease_id)
             self._on_closed(lease_id)

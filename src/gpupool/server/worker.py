@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,9 @@ CTL_MESSAGE = 64 * 1024
 
 
 def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on a TCP socket; nothing on a relay's Unix socket (its relay watches TCP)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
         ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
@@ -154,8 +158,11 @@ class WholeFrameWriter(FrameWriter):
 class _Session:
     """One client connection served by this worker."""
 
-    def __init__(self, sid: str, sock: socket.socket, reader: Any, writer: WholeFrameWriter, executor: Any) -> None:
+    def __init__(self, sid: str, sock: socket.socket, reader: Any, writer: WholeFrameWriter, executor: Any,
+                 idle_timeout: float = 0.0) -> None:
         self.sid, self.sock, self.reader, self.writer, self.executor = sid, sock, reader, writer, executor
+        self.idle_timeout = idle_timeout
+        self.active = time.monotonic()  # when it last sent a frame or one of its frames ended
 
 
 class WorkerHost:
@@ -195,7 +202,8 @@ class WorkerHost:
         from gpupool.server.executor import Executor
 
         writer = WholeFrameWriter(conn, self.guard)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_keepalive(conn)
         conn.settimeout(None)
         limit = self.budget.limit
@@ -203,7 +211,7 @@ class WorkerHost:
         # frame's other small uploads): a bigger upload could never be stored anyway.
         reader = FrameReader(conn, Limits(max_buffer_bytes=max(limit, 1) + (1 << 20)))
         ex = Executor(self.device, self.budget, self.policy, record=self.ran)
-        session = _Session(str(info["session"]), conn, reader, writer, ex)
+        session = _Session(str(info["session"]), conn, reader, writer, ex, float(info.get("idle_timeout", 0.0)))
         with self._lock:
             self.sessions[conn.fileno()] = session
             self._version += 1
@@ -286,12 +294,33 @@ class WorkerHost:
                 self.close(s)
 
     def _wait(self) -> list[Any]:
+        """The sessions (and the control socket) with bytes to read; ends idle sessions.
+
+        Note [Idle sessions]: a session is idle while it sends nothing and none of its frames
+        runs: the clock restarts when a frame of it ends, so its own op, however long, is never
+        idle time. Time it spent waiting behind another session's frame does not count either
+        (a session with bytes waiting is never idle; one that stayed silent through it is).
+        """
         socks: list[Any] = [s.sock for s in self.sessions.values()]
         if self.ctl is not None:
             socks.append(self.ctl)
-        readable, _, _ = select.select(socks, [], [])
+        now = time.monotonic()
+        timed = [s.active + s.idle_timeout - now for s in self.sessions.values() if s.idle_timeout > 0]
+        wait = max(0.0, min(timed)) + 0.05 if timed else None
+        readable, _, _ = select.select(socks, [], [], wait)
+        if timed:
+            self._end_idle(time.monotonic(), set(readable))
         by_sock = {s.sock: s for s in self.sessions.values()}
-        return [self.ctl if r is self.ctl else by_sock[r] for r in readable]
+        return [self.ctl if r is self.ctl else by_sock[r] for r in readable if r is self.ctl or r in by_sock]
+
+    def _end_idle(self, now: float, readable: set[Any]) -> None:
+        for s in list(self.sessions.values()):
+            if s.idle_timeout > 0 and now - s.active >= s.idle_timeout and s.sock not in readable \
+                    and not s.reader.buffered:
+                log.info("session %s: idle for %.0f s; ending it", s.sid, now - s.active)
+                _end(s.writer, "idle", f"the session sent nothing for {s.idle_timeout:g} s and was ended "
+                     "(the server's --idle-timeout); its memory is freed: connect again")
+                self.close(s)
 
     def _receive_session(self) -> None:
         assert self.ctl is not None
@@ -319,7 +348,9 @@ class WorkerHost:
         from gpupool.errors import ProtocolError, ServerLost
 
         try:
-            if s.executor.serve_frame(s.reader, s.writer):
+            done = s.executor.serve_frame(s.reader, s.writer)
+            s.active = time.monotonic()
+            if done:
                 self.close(s)
         except ServerLost:
             self.close(s)  # the client went away: its tensors are dropped
