@@ -554,3 +554,20 @@ def test_read_ahead_keeps_frames_apart_and_never_writes_to_empty_views(pair) -> 
     raw, sizes = r.read_message()
     assert bytes(raw) == b"\x91\x02" and sizes == [3]
     assert bytes(r.read_buffer()) == b"xyz"
+
+
+def test_unknown_fields_and_extra_elements_are_protocol_errors() -> None:
+    """Issue 10: unknown msgpack fields were silently ignored."""
+    batch = m.make_decoder(m.Batch)
+    with pytest.raises(ProtocolError, match="unknown field `hidden`"):
+        m.decode(m.hello_decoder, msgspec.msgpack.encode(
+            {"type": "hello", "protocol": 3, "token": "t", "hidden": 1}), "handshake")
+    with pytest.raises(ProtocolError, match="unknown field `also`"):
+        m.decode(batch, msgspec.msgpack.encode({"type": "batch", "cmds": [], "also": 1}), "batch")
+    with pytest.raises(ProtocolError, match="length"):  # an array-like command with one more element
+        m.decode(batch, msgspec.msgpack.encode({"type": "batch", "cmds": [["free", [1], 2]]}), "batch")
+    with pytest.raises(ProtocolError, match="unknown field"):
+        m.decode(m.server_message_decoder, msgspec.msgpack.encode(
+            {"type": "refused", "code": "auth", "message": "no", "extra": True}), "reply")
+    ok = m.decode(batch, msgspec.msgpack.encode({"type": "batch", "cmds": [["free", [1]]]}), "batch")
+    assert ok == m.Batch([m.Free([1])])

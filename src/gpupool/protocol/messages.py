@@ -6,6 +6,9 @@ everything else is fire-and-forget, like kernels queued on a CUDA stream.
 
 Op arguments are msgpack values; the few torch objects they hold travel as msgpack extension
 types (see `ExtCode`). The decoder accepts only those codes, with bounded payloads.
+
+Every record forbids unknown fields (and array-like ones extra elements): a frame with a field
+this version does not know is a protocol error, not silently half-read.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
     hold: bool = False
 
 
-class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=True):
     protocol: int
     session: str
     device_kind: str  # "cuda" or "cpu" (a CPU-backed device, labelled as such)
@@ -69,7 +72,7 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     torch_version: str
 
 
-class Refused(msgspec.Struct, tag="refused", frozen=True):
+class Refused(msgspec.Struct, tag="refused", frozen=True, forbid_unknown_fields=True):
     code: str  # "auth", "version", "busy", "protocol"
     message: str
 
@@ -77,7 +80,7 @@ class Refused(msgspec.Struct, tag="refused", frozen=True):
 # ---- commands --------------------------------------------------------------------------------
 
 
-class Op(msgspec.Struct, tag="op", array_like=True, frozen=True):
+class Op(msgspec.Struct, tag="op", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Run aten op `op` (e.g. "aten::add.Tensor"); tensor results are stored under `outs`.
 
     `outs` has one entry per tensor in the flattened result: a new handle, or -1 where the
@@ -97,7 +100,7 @@ class Op(msgspec.Struct, tag="op", array_like=True, frozen=True):
     frees: list[int] = []
 
 
-class Upload(msgspec.Struct, tag="up", array_like=True, frozen=True):
+class Upload(msgspec.Struct, tag="up", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Host data for a tensor follows as the frame's next raw buffer.
 
     With `into`, the bytes fill the existing tensor `handle` (same dtype, contiguous, `nbytes`
@@ -114,31 +117,31 @@ class Upload(msgspec.Struct, tag="up", array_like=True, frozen=True):
     into: bool = False
 
 
-class Free(msgspec.Struct, tag="free", array_like=True, frozen=True):
+class Free(msgspec.Struct, tag="free", array_like=True, frozen=True, forbid_unknown_fields=True):
     handles: list[int]
 
 
-class Seed(msgspec.Struct, tag="seed", array_like=True, frozen=True):
+class Seed(msgspec.Struct, tag="seed", array_like=True, frozen=True, forbid_unknown_fields=True):
     seed: int
 
 
-class Fetch(msgspec.Struct, tag="fetch", array_like=True, frozen=True):
+class Fetch(msgspec.Struct, tag="fetch", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Send back the tensor's elements, contiguous, as one raw buffer (`Data`)."""
 
     handle: int
 
 
-class Item(msgspec.Struct, tag="item", array_like=True, frozen=True):
+class Item(msgspec.Struct, tag="item", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Send back the value of a one-element tensor (`Value`)."""
 
     handle: int
 
 
-class Sync(msgspec.Struct, tag="sync", array_like=True, frozen=True):
+class Sync(msgspec.Struct, tag="sync", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Answer `Synced` once every earlier command has run."""
 
 
-class Stats(msgspec.Struct, tag="stats", array_like=True, frozen=True):
+class Stats(msgspec.Struct, tag="stats", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Answer `Synced` with memory use; a sync point like `Sync`."""
 
 
@@ -146,24 +149,24 @@ class Stats(msgspec.Struct, tag="stats", array_like=True, frozen=True):
 MAX_RNG_STATE = 64 * 1024
 
 
-class GetRngState(msgspec.Struct, tag="getrng", array_like=True, frozen=True):
+class GetRngState(msgspec.Struct, tag="getrng", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Answer `Value` with the session generator's state as bytes (a sync point)."""
 
 
-class SetRngState(msgspec.Struct, tag="setrng", array_like=True, frozen=True):
+class SetRngState(msgspec.Struct, tag="setrng", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Restore the session generator's state (as `torch.Generator.set_state`)."""
 
     state: bytes
 
 
-class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):
+class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True, forbid_unknown_fields=True):
     """Clean end of the session."""
 
 
 Command = Op | Upload | Free | Seed | Fetch | Item | Sync | Stats | GetRngState | SetRngState | Bye
 
 
-class Batch(msgspec.Struct, tag="batch", frozen=True):
+class Batch(msgspec.Struct, tag="batch", frozen=True, forbid_unknown_fields=True):
     cmds: list[Command]
 
 
@@ -173,7 +176,7 @@ ClientMessage = Hello | Batch
 # ---- replies ---------------------------------------------------------------------------------
 
 
-class ErrorInfo(msgspec.Struct, frozen=True):
+class ErrorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The first failure since the last reply. `seq` is the command's sequence number."""
 
     seq: int
@@ -182,7 +185,7 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     message: str
 
 
-class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
+class TensorMeta(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     shape: list[int]
     stride: list[int]
     offset: int
@@ -190,26 +193,26 @@ class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
     storage_bytes: int
 
 
-class Synced(msgspec.Struct, tag="synced", frozen=True):
+class Synced(msgspec.Struct, tag="synced", frozen=True, forbid_unknown_fields=True):
     error: ErrorInfo | None = None
     memory_used: int = 0
     memory_peak: int = 0
     memory_limit: int = 0
 
 
-class Data(msgspec.Struct, tag="data", frozen=True):
+class Data(msgspec.Struct, tag="data", frozen=True, forbid_unknown_fields=True):
     """One raw buffer follows unless `error` is set."""
 
     error: ErrorInfo | None = None
     nbytes: int = 0
 
 
-class Value(msgspec.Struct, tag="value", frozen=True):
+class Value(msgspec.Struct, tag="value", frozen=True, forbid_unknown_fields=True):
     error: ErrorInfo | None = None
     value: Any = None
 
 
-class OpResult(msgspec.Struct, tag="opresult", frozen=True):
+class OpResult(msgspec.Struct, tag="opresult", frozen=True, forbid_unknown_fields=True):
     error: ErrorInfo | None = None
     metas: list[TensorMeta] = []
     values: list[Any] = []
