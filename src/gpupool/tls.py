@@ -138,10 +138,20 @@ def listen_tls(host: str, cert: str | None, key: str | None, insecure: bool, wha
 # ---- clients -----------------------------------------------------------------------------------
 
 
+def pool_ca() -> Path | None:
+    """The CA file clients trust: $GPUPOOL_CA, else the one `gpupool up` made on this machine."""
+    if os.environ.get(CA_ENV):
+        return Path(os.environ[CA_ENV])
+    from gpupool import home
+
+    local = home.home() / "ca.pem"
+    return local if local.exists() else None
+
+
 def client_context(ca: str | Path | None = None) -> ssl.SSLContext:
-    """Verifies the peer's chain and name against `ca` (PEM file), else $GPUPOOL_CA, else the
-    system's trusted CAs."""
-    ca = ca or os.environ.get(CA_ENV) or None
+    """Verifies the peer's chain and name against `ca` (PEM file), else `pool_ca()`, else the
+    system's trusted CAs (a controller with a public certificate)."""
+    ca = ca or pool_ca()
     ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx

@@ -22,10 +22,11 @@ _current = 0
 class Session:
     """A live session on a gpupool server. Use as a context manager; `.device` is its device."""
 
-    def __init__(self, address: str, token: str, index: int, lease: str = "", gpu: int = 0) -> None:
+    def __init__(self, address: str, token: str, index: int, lease: str = "", gpu: int = 0,
+                 tls: bool | None = None) -> None:
         from gpupool.client.connection import Connection
 
-        self.conn = Connection(address, token, lease=lease, gpu=gpu)
+        self.conn = Connection(address, token, lease=lease, gpu=gpu, tls=tls)
         self.index = index
         self.device = torch.device("gpupool", index)
         self.conn.set_encoder(_make_encoder())
@@ -81,12 +82,16 @@ def connect(
     lease: str | None = None,
     gpu: int = 0,
     index: int | None = None,
+    tls: bool | None = None,
 ) -> Session:
     """Open a session on a gpupool server; its device is `session.device` ("gpupool:N").
 
     `address`, `token` and `lease` default to $GPUPOOL_SERVER, $GPUPOOL_TOKEN and
     $GPUPOOL_LEASE (or the file $GPUPOOL_LEASE_PATH). With a lease (a controller-signed grant, what `gpupool run` passes), the
     session uses the lease's GPU number `gpu` and its memory share.
+
+    `tls`: None (the default) uses TLS off loopback, or on loopback with $GPUPOOL_TLS=1, verified
+    against $GPUPOOL_CA (Note [When TLS is required] in gpupool/tls.py).
     """
     from gpupool.client.backend import install
 
@@ -102,7 +107,7 @@ def connect(
             index = next(i for i in range(len(_sessions) + 1) if i not in _sessions)
         elif index in _sessions:
             raise ConnectError(f"device gpupool:{index} already has a session")
-        s = Session(address, token, index, lease=lease, gpu=gpu)
+        s = Session(address, token, index, lease=lease, gpu=gpu, tls=tls)
         _sessions[index] = s
     return s
 

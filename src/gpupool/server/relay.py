@@ -15,6 +15,7 @@ breaks, both are closed, and the worker ends the session as for any client that 
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import socket
 import ssl
@@ -25,6 +26,7 @@ log = logging.getLogger("gpupool.server")
 #: Bytes moved per step and direction; TLS records are at most 16 KiB, so several per step.
 CHUNK = 1 << 18
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class Relay:
@@ -58,55 +60,52 @@ class Relay:
         up_buf, down_buf = bytearray(CHUNK), bytearray(CHUNK)
         up = memoryview(up_buf)[:0]  # decrypted client bytes not yet given to the worker
         down = memoryview(down_buf)[:0]  # worker bytes not yet sent to the client
-        sel = selectors.DefaultSelector()
-        try:
-            while True:
-                progress = False
-                tls_wait = inner_wait = 0
-                # ---- client -> worker
-                if not up:
-                    n = _fill_from_tls(tls, up_buf)
-                    if n is None:
-                        tls_wait |= selectors.EVENT_READ
-                    elif n == 0:
-                        return  # the client closed
-                    else:
-                        up, progress = memoryview(up_buf)[:n], True
+        # Note: select() on two descriptors each wait: one call, no registrations to keep up.
+        while True:
+            progress = False
+            tls_wait = inner_wait = 0
+            # ---- client -> worker
+            if not up:
+                n = _fill_from_tls(tls, up_buf)
+                if n is None:
+                    tls_wait |= selectors.EVENT_READ
+                elif n == 0:
+                    return  # the client closed
+                else:
+                    up, progress = memoryview(up_buf)[:n], True
+            if up:
+                try:
+                    k = inner.send(up)
+                    up, progress = up[k:], progress or k > 0
+                except BlockingIOError:
+                    pass
                 if up:
-                    try:
-                        k = inner.send(up)
-                        up, progress = up[k:], progress or k > 0
-                    except BlockingIOError:
-                        pass
-                    if up:
-                        inner_wait |= selectors.EVENT_WRITE
-                # ---- worker -> client
-                if not down:
-                    try:
-                        n = inner.recv_into(down_buf)
-                    except BlockingIOError:
-                        inner_wait |= selectors.EVENT_READ
-                    else:
-                        if n == 0:
-                            return  # the worker ended the session (its farewell is sent)
-                        down, progress = memoryview(down_buf)[:n], True
+                    inner_wait |= selectors.EVENT_WRITE
+            # ---- worker -> client
+            if not down:
+                try:
+                    n = inner.recv_into(down_buf)
+                except BlockingIOError:
+                    inner_wait |= selectors.EVENT_READ
+                else:
+                    if n == 0:
+                        return  # the worker ended the session (its farewell is sent)
+                    down, progress = memoryview(down_buf)[:n], True
+            if down:
+                try:
+                    k = tls.send(down)
+                    down, progress = down[k:], progress or k > 0
+                except ssl.SSLWantWriteError:
+                    pass
+                except ssl.SSLWantReadError:
+                    tls_wait |= selectors.EVENT_READ
                 if down:
-                    try:
-                        k = tls.send(down)
-                        down, progress = down[k:], progress or k > 0
-                    except ssl.SSLWantWriteError:
-                        pass
-                    except ssl.SSLWantReadError:
-                        tls_wait |= selectors.EVENT_READ
-                    if down:
-                        tls_wait |= selectors.EVENT_WRITE
-                if progress:
-                    continue
-                _register(sel, tls, tls_wait)
-                _register(sel, inner, inner_wait)
-                sel.select()
-        finally:
-            sel.close()
+                    tls_wait |= selectors.EVENT_WRITE
+            if progress:
+                continue
+            reads = [s for s, w in ((tls, tls_wait), (inner, inner_wait)) if w & _READ]
+            writes = [s for s, w in ((tls, tls_wait), (inner, inner_wait)) if w & _WRITE]
+            select.select(reads, writes, [])
 
 
 def _fill_from_tls(tls: ssl.SSLSocket, buf: bytearray) -> int | None:
@@ -123,17 +122,3 @@ def _fill_from_tls(tls: ssl.SSLSocket, buf: bytearray) -> int | None:
             return filled or 0
         filled += n
     return filled or None
-
-
-def _register(sel: selectors.BaseSelector, sock: socket.socket, events: int) -> None:
-    try:
-        key = sel.get_key(sock)
-    except KeyError:
-        key = None
-    if events == 0:
-        if key is not None:
-            sel.unregister(sock)
-    elif key is None:
-        sel.register(sock, events)
-    elif key.events != events:
-        sel.modify(sock, events)
