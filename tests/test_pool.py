@@ -252,7 +252,7 @@ def test_gpupool_up_keeps_its_secrets_in_0600_files_apart_from_the_database(tmp_
               base_env(home), "gpupool server listening on")
     try:
         assert home.stat().st_mode & 0o777 == 0o700
-        for name in ("controller.db", "controller.key.pem", "pool.json"):
+        for name in ("controller.db", "controller.key.pem", "pool.json", "ca-key.pem"):
             mode = (home / name).stat().st_mode & 0o777
             assert mode == 0o600, f"{name} has mode {mode:04o}"
         assert b"PRIVATE KEY" in (home / "controller.key.pem").read_bytes()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
 from gpupool.controller.app import Settings, create_app
+from gpupool.tls import ServerTls
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -25,7 +28,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7700, log_level: str = "info",
-          access_log: bool = False) -> None:
+          access_log: bool = False, tls: ServerTls | None = None) -> None:
     """Serve the controller until SIGINT/SIGTERM (blocking). Port 0 picks a free port.
 
     `access_log`: a line per HTTP request on stdout. Off by default: at a few thousand requests a
@@ -33,9 +36,40 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7700, log_lev
     app = create_app(settings)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
-    print(f"gpupool controller listening on http://{_url_host(host)}:{bound}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=access_log))
+    scheme = "https" if tls is not None else "http"
+    print(f"gpupool controller listening on {scheme}://{_url_host(host)}:{bound}", flush=True)
+    server = _uvicorn(app, tls, log_level=log_level, lifespan="on", access_log=access_log)
     server.run(sockets=[sock])
+
+
+def _uvicorn(app: Any, tls: ServerTls | None, **kw: Any) -> uvicorn.Server:
+    """A uvicorn server whose TLS context is ours (built in gpupool/tls.py, like the data
+    plane's), so that it can be reloaded in place (Note [Certificate rotation])."""
+    config = uvicorn.Config(app, **kw)
+    config.load()
+    if tls is not None:
+        config.ssl = tls.context()
+    return _Server(config, tls)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, tls: ServerTls | None) -> None:
+        super().__init__(config)
+        self._tls = tls
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self._tls is not None:
+            self._watcher = asyncio.get_running_loop().create_task(_watch(self._tls))
+
+
+async def _watch(tls: ServerTls) -> None:
+    """Reload the certificate when its files change, on the event loop's thread: every TLS
+    handshake runs there too, so none sees a half-loaded context."""
+    while True:
+        await asyncio.sleep(1.0)
+        tls.reload_in_place()
 
 
 def _url_host(host: str) -> str:
@@ -49,13 +83,17 @@ class ControllerThread:
             httpx.get(c.url + "/v1/status", headers={"Authorization": f"Bearer {token}"})
     """
 
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0,
+                 tls: ServerTls | None = None) -> None:
         self.settings = settings
         self.app = create_app(settings)
         self._sock = _bind(host, port)
         self.port: int = self._sock.getsockname()[1]
-        self.url = f"http://{_url_host(host)}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        # Note: a wildcard address is not one a client can name (nor a certificate): this host's
+        # own clients use loopback, which every certificate `gpupool up` makes names.
+        local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        self.url = f"{'https' if tls is not None else 'http'}://{_url_host(local)}:{self.port}"
+        self.server = _uvicorn(self.app, tls, log_level="warning", lifespan="on")
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name=f"gpupool-controller-{self.port}", daemon=True)
 
