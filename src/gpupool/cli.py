@@ -35,6 +35,15 @@ def server(
     name: str = typer.Option(None, help="Name at the controller (default HOST:PORT)."),
     advertise: str = typer.Option(None, help="HOST:PORT clients should connect to (default: the listen address)."),
     handshake_timeout: float = typer.Option(None, help="Seconds a connecting client has to say hello."),
+    idle_timeout: float = typer.Option(
+        None, help="Seconds a session may send nothing before it is ended (default 1800; 0: never). "
+                   "Running its own ops, however long, is not idle."),
+    tls_cert: str = typer.Option(None, help="TLS certificate (PEM, chain) for the data plane; "
+                                            "re-read when the file changes."),
+    tls_key: str = typer.Option(None, help="The certificate's private key (PEM)."),
+    insecure: bool = typer.Option(
+        False, "--insecure",
+        help="Listen off loopback without TLS: tokens and tensors cross the network in clear."),
     no_sandbox: bool = typer.Option(
         False, "--no-sandbox",
         help="Debugging only: run session workers without their sandbox (Landlock, seccomp), so "
@@ -47,7 +56,7 @@ def server(
     sockets or processes (see docs/security.md); when the last of them ends, or every client
     died, the worker exits and all its memory is freed.
     """
-    from gpupool.server.__main__ import serve
+    from gpupool.server.__main__ import Tls, serve
 
     if no_sandbox:
         import os
@@ -56,7 +65,8 @@ def server(
 
     try:
         serve(listen, token, memory_limit, cpu_gpus, cpu_gpu_memory, handshake_timeout,
-              controller=controller, name=name, advertise=advertise)
+              controller=controller, name=name, advertise=advertise, idle_timeout=idle_timeout,
+              tls=Tls(tls_cert, tls_key, insecure))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
 
@@ -119,6 +129,12 @@ def controller(
     sweep_interval: float = typer.Option(1.0, help="Seconds between checks of liveness, lease expiry and queue deadlines."),
     default_ttl: float = typer.Option(600.0, help="Lease time to live when a request gives none (seconds)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log a line per HTTP request (off: it costs as much as a health check)."),
+    max_body: int = typer.Option(64 * 1024, help="Largest request body accepted, in bytes (413 beyond)."),
+    rate_limit: float = typer.Option(50.0, help="Requests a second per token; admin tokens are exempt (429 beyond)."),
+    rate_burst: int = typer.Option(200, help="Requests a token may send at once above --rate-limit."),
+    tls_cert: str = typer.Option(None, help="TLS certificate (PEM chain) for HTTPS; re-read when the file changes."),
+    tls_key: str = typer.Option(None, help="The certificate's private key (PEM)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP off loopback: tokens cross the network in clear."),
 ) -> None:
     """Run the pool controller: inventory, scheduler, queue and leases, over HTTP/JSON (OpenAPI at /docs)."""
     from gpupool.controller.__main__ import main as controller_main
@@ -133,7 +149,14 @@ def controller(
     if admin_token:
         argv += ["--admin-token", admin_token]
     argv += ["--heartbeat-interval", str(heartbeat_interval), "--sweep-interval", str(sweep_interval),
-             "--default-ttl", str(default_ttl)] + (["--access-log"] if access_log else [])
+             "--default-ttl", str(default_ttl), "--max-body", str(max_body), "--rate-limit", str(rate_limit),
+             "--rate-burst", str(rate_burst)] + (["--access-log"] if access_log else [])
+    if tls_cert:
+        argv += ["--tls-cert", tls_cert]
+    if tls_key:
+        argv += ["--tls-key", tls_key]
+    if insecure:
+        argv.append("--insecure")
     controller_main(argv)
 
 
@@ -153,6 +176,23 @@ def up(
     from gpupool import poolcmd
 
     poolcmd.up(cpu_gpus, cpu_gpu_memory, listen, server_listen, db)
+
+
+@app.command()
+def cert(
+    names: list[str] = typer.Argument(..., help="Host names and addresses clients reach the server by."),
+    out: str = typer.Option("server", "--out", "-o", help="Files to write: OUT.pem and OUT-key.pem."),
+) -> None:
+    """Issue a TLS certificate from this machine's pool CA (made by `gpupool up`), for a GPU
+    server or controller on another host:  gpupool cert gpu-7.lab 10.0.0.7 -o gpu-7
+
+    Copy both files to that host and start it with --tls-cert gpu-7.pem --tls-key gpu-7-key.pem;
+    clients trust the CA ($GPUPOOL_HOME/ca.pem, given to them as GPUPOOL_CA). Running the command
+    again issues a new certificate: servers pick up replaced files without a restart.
+    """
+    from gpupool import poolcmd
+
+    poolcmd.cert(names, out)
 
 
 @app.command()

@@ -79,7 +79,7 @@ def load_or_make_ca(directory: Path) -> Authority:
             raise ValueError(f"{key_path} is not the EC key gpupool makes")
         return Authority(cert, key)
     ca = make_ca()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # the pool's home: its owner's only
     _write(key_path, _key_pem(ca.key), private=True)
     _write(cert_path, ca.pem, private=False)
     return ca

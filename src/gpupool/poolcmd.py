@@ -5,14 +5,17 @@ Kept apart from `cli.py` (argument parsing only) so each command is a plain func
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
+import socket
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -24,10 +27,15 @@ from gpupool.units import parse_bytes
 
 #: Exit status when the pool has no capacity (or quota) for a request.
 EXIT_NO_CAPACITY = 3
+#: The least share of a GPU a lease may take (Note [Least share] in controller/app.py).
+MIN_SHARE_BYTES = 2**20
 
 
 def _die(message: str, code: int = 1) -> None:
-    display.err_console.print(f"[bold red]gpupool:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    display.err_console.print(f"[bold red]gpupool:[/] {escape(message)}", highlight=False,
+                              soft_wrap=True)  # one line, and a message may hold [...]
     raise typer.Exit(code)
 
 
@@ -60,15 +68,31 @@ def parse_duration(text: str) -> float:
     return float(mt.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[mt.group(2)]
 
 
+def check_wait(wait: float) -> float:
+    if not (math.isfinite(wait) and wait >= 0):
+        raise ValueError(f"--wait must be a finite number of seconds, 0 or more (got {wait:g})")
+    return wait
+
+
 def request_body(n: int, p: float | None, m: str | None, filters: list[str], ttl_s: float | None, spread: bool) -> dict[str, Any]:
+    """The body of a lease request. What is cheap to check is checked here, in the flags' words;
+    the controller checks everything again (its 422s read as sentences too: controller/client.py)."""
     if p is not None and m is not None:
         raise ValueError("give -p (a fraction) or -m (bytes), not both")
+    if n < 1:
+        raise ValueError(f"-n must be at least 1 GPU (got {n})")
     body: dict[str, Any] = {"n": n, "spread": spread}
     if p is not None:
+        if not (math.isfinite(p) and 0 < p <= 1):
+            raise ValueError(f"fraction must be a finite number between 0 and 1 (got {p:g})")
         body["fraction"] = p
     if m is not None:
         body["memory_bytes"] = parse_bytes(m)
+        if body["memory_bytes"] < MIN_SHARE_BYTES:
+            raise ValueError(f"-m must be at least 1MiB (got {m})")
     if ttl_s is not None:
+        if not (math.isfinite(ttl_s) and ttl_s > 0):
+            raise ValueError(f"--ttl must be a finite number of seconds above 0 (got {ttl_s:g})")
         body["ttl_s"] = ttl_s
     labels: dict[str, str] = {}
     for f in filters:
@@ -225,7 +249,7 @@ def _lease_for_run(client: Any, n: int | None, p: float | None, m: str | None, f
     `gpupool request` wrote here when no request is given, else a new one."""
     held = home.read_lease() if n is None and p is None and m is None and not filters else None
     if held is None:
-        return _request(client, wait, request_body(n or 1, p, m, filters, ttl, spread)), True
+        return _request(client, check_wait(wait), request_body(1 if n is None else n, p, m, filters, ttl, spread)), True
     lease = client.lease(held["lease"]["id"])
     if lease["state"] != "active":
         raise LeaseExpired(
@@ -241,7 +265,7 @@ def request(controller: str | None, token: str | None, n: int, p: float | None, 
             filters: list[str], ttl: str, wait: float, spread: bool, as_json: bool) -> None:
     with _errors():
         client = _client(controller, token)
-        lease = _request(client, wait, request_body(n, p, m, filters, parse_duration(ttl), spread))
+        lease = _request(client, check_wait(wait), request_body(n, p, m, filters, parse_duration(ttl), spread))
         old = home.read_lease()
         path = home.write_lease(lease, client.url)
     if old is not None:
@@ -344,6 +368,49 @@ def drain(controller: str | None, token: str | None, server: str, undo: bool) ->
 # ---- gpupool up -----------------------------------------------------------------------------
 
 
+def _names(host: str) -> list[str]:
+    """The names a certificate for a listener on `host` carries: the host itself (unless a
+    wildcard) and this machine's names, so clients can reach it by any of them."""
+    wildcard = host in ("0.0.0.0", "::", "")
+    return [n for n in ([] if wildcard else [host]) + [socket.getfqdn(), socket.gethostname(), "localhost",
+                                                       "127.0.0.1", "::1"] if n]
+
+
+def _up_certificates(ctl_host: str, server_host: str) -> tuple[Any, Any]:
+    """The pool CA (made once in $GPUPOOL_HOME) and fresh certificates for the controller and the
+    server, used where they listen off loopback (Note [When TLS is required] in gpupool/tls.py)."""
+    from gpupool import pki
+    from gpupool.server.__main__ import Tls
+    from gpupool.tls import is_loopback, listen_tls
+
+    d = home.home()
+    ca = pki.load_or_make_ca(d)
+    ctl_tls = None
+    if not is_loopback(ctl_host):
+        pki.write_leaf(ca, _names(ctl_host), d / "controller.pem", d / "controller-key.pem")
+        ctl_tls = listen_tls(ctl_host, str(d / "controller.pem"), str(d / "controller-key.pem"), False, "controller")
+    server_tls = Tls()
+    if not is_loopback(server_host):
+        pki.write_leaf(ca, _names(server_host), d / "server.pem", d / "server-key.pem")
+        server_tls = Tls(str(d / "server.pem"), str(d / "server-key.pem"))
+    return ctl_tls, server_tls
+
+
+def cert(names: list[str], out: str) -> None:
+    """`gpupool cert`: a certificate from this machine's pool CA, for a server on another host."""
+    from gpupool import pki
+
+    if not names:
+        _die("name at least one host name or address the server is reached by")
+    d = home.home()
+    if not (d / "ca-key.pem").exists():
+        _die(f"no pool CA in {d}: run `gpupool up` once on this machine (it makes one), or set GPUPOOL_HOME")
+    base = Path(out)
+    pki.write_leaf(pki.load_or_make_ca(d), names, base.with_suffix(".pem"), base.with_name(base.name + "-key.pem"))
+    print(f"wrote {base.with_suffix('.pem')} and {base.with_name(base.name + '-key.pem')} (keep the key 0600); "
+          f"start the server with --tls-cert/--tls-key; clients trust {d / 'ca.pem'} (GPUPOOL_CA)")
+
+
 def up(cpu_gpus: int | None, cpu_gpu_memory: str, listen: str, server_listen: str, db: str | None) -> None:
     from gpupool.controller.app import Settings
     from gpupool.controller.runner import ControllerThread
@@ -352,11 +419,16 @@ def up(cpu_gpus: int | None, cpu_gpu_memory: str, listen: str, server_listen: st
     token = "gpt_" + secrets.token_urlsafe(24)
     try:
         host, port = parse_host_port(listen, "controller listen address")
-        ctl = ControllerThread(Settings(db_url=db, admin_token=token), host, port).start()
+        server_host, _ = parse_host_port(server_listen, "server listen address")
+        ctl_tls, server_tls = _up_certificates(host, server_host)
+        ctl = ControllerThread(Settings(db_url=db, admin_token=token), host, port, tls=ctl_tls).start()
     except (OSError, RuntimeError, ValueError, GpupoolError) as e:
         _die(f"cannot start the controller: {e}")
     home.write_pool(ctl.url, token)
     print(f"gpupool controller on {ctl.url} (state in {home.home()})", flush=True)
+    if ctl_tls is not None or server_tls.cert:
+        print(f"TLS: certificates from the pool CA {home.home() / 'ca.pem'}; clients on other "
+              "machines need it as GPUPOOL_CA", flush=True)
     print("use it from this machine with no flags:  gpupool run -n 1 -p 0.5 -- python train.py", flush=True)
     print("  gpupool list | gpupool status | gpupool request -n 1 -p 0.25 --ttl 2h | gpupool release", flush=True)
     print(f"admin token (also in {home.pool_file()}): {token}", flush=True)
@@ -366,7 +438,8 @@ def up(cpu_gpus: int | None, cpu_gpu_memory: str, listen: str, server_listen: st
         if all(d.kind == "cpu" for d in discover(None)):
             print("no GPU on this host: offering 1 CPU-backed GPU (labelled kind=cpu)", flush=True)
     try:
-        serve(server_listen, token, None, cpu_gpus, cpu_gpu_memory, controller=ctl.url, name="local")
+        serve(server_listen, token, None, cpu_gpus, cpu_gpu_memory, controller=ctl.url, name="local",
+              tls=server_tls)
     except KeyboardInterrupt:
         pass
     finally:

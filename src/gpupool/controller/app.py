@@ -2,7 +2,7 @@
 
 Typed request and response models live at the edge; every decision is made by the store (which
 runs the pure scheduler inside its write transaction). Every `/v1` call is authenticated with a
-bearer token; the OpenAPI spec is served at `/openapi.json` (and browsable at `/docs`).
+bearer token, before its body is read (edge.py, which also caps bodies and rate-limits tokens); the OpenAPI spec is served at `/openapi.json` (and browsable at `/docs`).
 
 Errors are JSON `{"code": ..., "message": ...}` with a 4xx status a client can act on; the codes
 are listed in docs/controller.md.
@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import functools
 import gc
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -25,12 +26,13 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpupool.controller import leases as leasing
 from gpupool.controller import scheduler as sched
+from gpupool.controller.edge import Edge, error_response
 from gpupool.controller.errors import ControllerError, LeaseExpired
 from gpupool.controller.store import (
     EntryInfo,
@@ -46,10 +48,17 @@ from gpupool.controller.store import (
 
 log = logging.getLogger("gpupool.controller")
 
-MAX_BODY = 1024 * 1024
 MAX_TTL_S = 30 * 24 * 3600.0
 MAX_WAIT_S = 24 * 3600.0
 MAX_MEMORY = 2**50  # 1 PiB: far above any GPU, far below SQL's 64-bit integers
+MiB = 2**20
+# Note [Least share]: a lease takes at least 1 MiB of a GPU. A share of a few bytes makes no sense
+# for a program and costs nearly nothing of a quota, so without a floor one user can fill the
+# database with leases. A fraction below MIN_FRACTION is under 1 MiB on any GPU (up to
+# MAX_MEMORY) and is refused here; a larger one that is under 1 MiB on some GPU is placed only on
+# GPUs where it is not (Share.min_bytes in scheduler.py).
+MIN_SHARE_BYTES = MiB
+MIN_FRACTION = MIN_SHARE_BYTES / MAX_MEMORY
 
 
 @dataclass
@@ -71,6 +80,17 @@ class Settings:
     # A token checked this recently is not checked in the database again; a revocation made
     # through another replica takes up to this long to apply here (Store.cached_principal).
     token_cache_s: float = 2.0
+    # The HTTP edge (edge.py). The largest real body is a server registration (64 GPUs at most):
+    # a few KiB; one with 64 GPUs that each carry 32 labels of the longest kind would need ~700 KiB.
+    max_body_bytes: int = 64 * 1024
+    # Requests a second per token, and the burst above that; admin tokens are exempt. Far above
+    # what `gpupool run` (a renewal per third of the TTL) or a server (a heartbeat per interval) sends.
+    rate_per_s: float = 50.0
+    rate_burst: int = 200
+    # Failed tokens a second per peer address, and the burst: past it, a peer's unknown tokens get
+    # 429 without being looked up (tokens already known good still pass).
+    auth_failures_per_s: float = 5.0
+    auth_failure_burst: int = 50
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -87,7 +107,11 @@ Id = Annotated[str, Path(max_length=64)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """Input models. Note [Strict numbers]: strict, so "1" is not a number nor 1.5 an integer (a
+    client that sends strings for numbers has a bug worth hearing about), and never NaN or
+    infinity (JSON has neither; Python's json module reads them)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ErrorOut(BaseModel):
@@ -223,8 +247,10 @@ class LeaseRequestIn(Strict):
     GPU's memory; give neither for whole GPUs."""
 
     n: int = Field(default=1, ge=1, le=64)
-    fraction: float | None = Field(default=None, gt=0, le=1, description="Share of each GPU's memory, e.g. 0.5.")
-    memory_bytes: int | None = Field(default=None, ge=1, le=MAX_MEMORY, description="Bytes of each GPU's memory.")
+    fraction: float | None = Field(default=None, gt=0, le=1, description="Share of each GPU's memory, e.g. 0.5; "
+                                   "where it works out under 1 MiB of a GPU, that GPU is not used.")
+    memory_bytes: int | None = Field(default=None, ge=1, le=MAX_MEMORY, description="Bytes of each GPU's memory "
+                                     "(at least 1 MiB).")
     model: Text | None = Field(default=None, description="Case-insensitive substring of the GPU model.")
     kind: Literal["cuda", "cpu"] | None = None
     min_memory_bytes: int | None = Field(default=None, ge=1, le=MAX_MEMORY)
@@ -235,15 +261,28 @@ class LeaseRequestIn(Strict):
     ttl_s: float | None = Field(default=None, ge=1, le=MAX_TTL_S, description="Lease time to live; renew before it ends.")
     wait_s: float = Field(default=0, ge=0, le=MAX_WAIT_S, description="How long to wait in the queue; 0: fail at once.")
 
-    @model_validator(mode="after")
-    def _one_share(self) -> LeaseRequestIn:
-        if self.fraction is not None and self.memory_bytes is not None:
+    @field_validator("fraction")
+    @classmethod
+    def _least_fraction(cls, v: float | None) -> float | None:
+        if v is not None and v < MIN_FRACTION:  # Note [Least share]
+            raise ValueError(f"fraction must be at least {MIN_FRACTION:.3g} (got {v:g}): a smaller share "
+                             "is under 1 MiB on any GPU")
+        return v
+
+    @field_validator("memory_bytes")
+    @classmethod
+    def _one_share(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # A field validator, not a model one, so the error names the field and comes even when
+        # the value is also too small.
+        if v is not None and info.data.get("fraction") is not None:
             raise ValueError("give fraction or memory_bytes, not both")
-        return self
+        if v is not None and v < MIN_SHARE_BYTES:  # Note [Least share]
+            raise ValueError(f"memory_bytes must be at least {MIN_SHARE_BYTES} (1 MiB), not {v}")
+        return v
 
     def to_request(self) -> sched.Request:
         if self.fraction is not None:
-            share = sched.Share.of(self.fraction)
+            share = sched.Share.of(self.fraction, min_bytes=MIN_SHARE_BYTES)
         elif self.memory_bytes is not None:
             share = sched.Share.of_bytes(self.memory_bytes)
         else:
@@ -513,7 +552,11 @@ Ctl = Annotated[Controller, Depends(ctl)]
 bearer = HTTPBearer(auto_error=False, description="A gpupool token (`gpupool token create`).")
 
 
-async def principal(c: Ctl, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+async def principal(request: Request, c: Ctl,
+                    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    found: Principal | None = getattr(request.state, "principal", None)
+    if found is not None:  # checked at the edge (Note [Authenticate before the body] in edge.py)
+        return found
     if cred is None or not cred.credentials:
         raise ControllerError("missing bearer token: pass --token or set GPUPOOL_TOKEN", "unauthorized", 401)
     return await c.authenticate(cred.credentials)
@@ -537,8 +580,8 @@ ServerOrAdmin = Annotated[Principal, Depends(role("server", "admin"))]
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     words = {400: "Bad request", 401: "Missing, invalid, expired or revoked token", 403: "Not allowed",
              404: "Not found", 409: "No capacity, or a conflict", 410: "The lease has ended",
-             413: "Body too large", 422: "Invalid input"}
-    return {c: {"model": ErrorOut, "description": words[c]} for c in (400, 401, 413, 422, *codes)}
+             413: "Body too large", 422: "Invalid input", 429: "Over the token's rate limit: see Retry-After"}
+    return {c: {"model": ErrorOut, "description": words[c]} for c in (400, 401, 413, 422, 429, *codes)}
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -763,25 +806,33 @@ async def set_quota(name: Annotated[str, Path(min_length=1, max_length=64, patte
 # -- the app ------------------------------------------------------------------------------------
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse({"code": code, "message": message, **extra}, status_code=status, headers=headers)
+def _shown(value: Any) -> str | None:
+    """A scalar input as the caller wrote it, short (strings quoted); None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value) if len(repr(value)) <= 40 else f"{value:.6g}"
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 40 else value[:40] + "...")
+    return None
 
 
-class _BodyLimit:
-    """Refuse bodies over MAX_BODY before they are read (413)."""
+def validation_errors(raw: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic's errors as the 422 answer lists them: `loc`, `msg` (without pydantic's "Value
+    error, " prefix), `type`, and `input` (a scalar input as text, so NaN can be shown in JSON)."""
+    errors = []
+    for e in raw[:20]:
+        out: dict[str, Any] = {"loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())],
+                               "msg": str(e.get("msg", "")).removeprefix("Value error, "),
+                               "type": str(e.get("type", ""))}
+        shown = _shown(e.get("input")) if "input" in e and e.get("type") != "missing" else None
+        if shown is not None:
+            out["input"] = shown
+        errors.append(out)
+    return errors
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-                await _error(413, "too_large", f"request bodies are limited to {MAX_BODY} bytes")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+_error = error_response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -817,7 +868,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Pool GPUs: inventory, scheduler and queue, signed leases, users and tokens.")
     app.state.controller = controller
     app.include_router(router)
-    app.add_middleware(_BodyLimit)
+    app.add_middleware(Edge, controller=controller)
 
     @app.get("/healthz", response_model=HealthOut, tags=["status"])
     async def healthz() -> HealthOut:
@@ -842,8 +893,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())],
-                   "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()[:20]]
+        errors = validation_errors(exc.errors())
         words = "; ".join(f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in errors)
         return _error(422, "invalid_request", f"invalid request: {words}", errors=errors)
 

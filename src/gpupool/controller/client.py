@@ -10,13 +10,16 @@ lease renewer, the server agent's heartbeats, and its reports of abandoned lease
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 
+from gpupool import tls as tls_policy
 from gpupool.controller import leases as leasing
 from gpupool.controller.errors import (
     ControllerError,
@@ -33,7 +36,32 @@ log = logging.getLogger("gpupool.controller.client")
 Json = dict[str, Any]
 
 
-def _error_for(status: int, code: str, message: str) -> GpupoolError:
+def _sentence(error: Json) -> str:
+    """One entry of a 422 answer's `errors` as a sentence: `fraction must be a finite number (got nan)`."""
+    loc = [str(x) for x in error.get("loc", []) if x != "body"]
+    field = ".".join(loc) or "the request body"
+    msg = str(error.get("msg", "is invalid"))
+    if msg.startswith("Input should be "):
+        text = f"{field} must be {msg.removeprefix('Input should be ')}"
+    elif msg == "Field required":
+        text = f"{field} is required"
+    elif msg == "Extra inputs are not permitted":
+        text = f"{field} is not something this request takes"
+    elif loc and loc[-1] in msg:
+        text = msg  # our own validators' messages name the field already
+    else:
+        text = f"{field}: {msg[:1].lower()}{msg[1:]}"
+    shown = error.get("input")
+    if isinstance(shown, str) and error.get("type") != "value_error" and shown not in text:
+        text += f" (got {shown})"
+    return text
+
+
+def _error_for(status: int, code: str, message: str, errors: object = None) -> GpupoolError:
+    """The gpupool error for an error answer. A 422 with pydantic's list of `errors` becomes
+    sentences here, once, so every command shows `n must be ... (got 0)`, never the list."""
+    if status == 422 and isinstance(errors, list) and errors and all(isinstance(e, dict) for e in errors):
+        message = "; ".join(_sentence(e) for e in errors)
     if status == 401 or code in ("unauthorized", "forbidden"):
         return AuthError(message)
     if code == "quota_exceeded":
@@ -47,13 +75,35 @@ def _error_for(status: int, code: str, message: str) -> GpupoolError:
     return ControllerError(message, code, status)
 
 
+def _check_finite(body: object, where: str = "") -> None:
+    """JSON has no NaN or infinity (httpx refuses to encode them): name the field instead."""
+    if isinstance(body, float) and not math.isfinite(body):
+        raise ValueError(f"{where or 'the request'} must be a finite number (got {body})")
+    if isinstance(body, dict):
+        for k, v in body.items():
+            _check_finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            _check_finite(v, f"{where}[{i}]")
+
+
+def _check_url(url: str) -> None:
+    """Never send a token in clear off loopback (Note [When TLS is required] in gpupool/tls.py)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "http" and parsed.hostname:
+        tls_policy.client_wants_tls(parsed.hostname, False, "the controller")
+
+
 class ControllerClient:
     """The controller's REST API as methods returning its JSON, raising gpupool errors."""
 
     def __init__(self, url: str, token: str, timeout: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
+        _check_url(self.url)
+        # Note: https is verified against the pool's CA (gpupool/tls.py), as the data plane is.
+        verify = tls_policy.client_context() if self.url.startswith("https://") else True
         self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
-                                  transport=transport)
+                                  transport=transport, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -68,6 +118,7 @@ class ControllerClient:
         """One API call. `timeout` (seconds) overrides the client's, for calls that wait."""
         if timeout is not None:
             kw["timeout"] = timeout
+        _check_finite(kw.get("json"))
         try:
             r = self._http.request(method, path, **kw)
         except httpx.TimeoutException as e:
@@ -81,8 +132,11 @@ class ControllerClient:
         if r.status_code < 400:
             return body
         if isinstance(body, dict) and isinstance(body.get("message"), str):
-            raise _error_for(r.status_code, str(body.get("code", "error")), body["message"])
-        raise ControllerError(f"the controller answered {r.status_code}: {r.text[:300]}", "error", r.status_code)
+            raise _error_for(r.status_code, str(body.get("code", "error")), body["message"], body.get("errors"))
+        # Not the controller's error shape (a proxy's page, say): the status and a line of it, not the raw body.
+        first = " ".join(r.text.split())[:120]
+        raise ControllerError(f"the controller at {self.url} answered HTTP {r.status_code}"
+                              + (f": {first}" if first else ""), "error", r.status_code)
 
     # -- servers ---------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ Rules (docs/controller.md has the long form):
 - A request is `n` GPUs, each whole, a fraction of its memory, or a number of bytes.
 - All GPUs of a request are on one server.
 - A whole-GPU lease is exclusive: it takes only an idle GPU, and nothing shares it afterwards.
-- Fractions become bytes on the chosen GPU: floor(p * memory), at least 1 byte.
+- Fractions become bytes on the chosen GPU: floor(p * memory), at least 1 byte; a GPU on which
+  that is under the share's `min_bytes` (1 MiB through the API, Note [Least share] in app.py)
+  does not match the request.
 - Packing (default) uses partly used GPUs and busy servers first, so whole GPUs stay free;
   `spread` does the opposite.
 - Servers that are down or draining are not placed on.
@@ -41,6 +43,7 @@ class Share:
     kind: ShareKind = "whole"
     fraction: float = 1.0
     bytes: int = 0
+    min_bytes: int = 0  # a fraction: only GPUs on which it comes to at least this many bytes
 
     def __post_init__(self) -> None:
         if self.kind == "fraction" and not (0 < self.fraction <= 1):
@@ -55,8 +58,8 @@ class Share:
         return Share("whole")
 
     @staticmethod
-    def of(fraction: float) -> Share:
-        return Share("fraction", fraction=fraction)
+    def of(fraction: float, min_bytes: int = 0) -> Share:
+        return Share("fraction", fraction=fraction, min_bytes=min_bytes)
 
     @staticmethod
     def of_bytes(n: int) -> Share:
@@ -208,8 +211,15 @@ def server_matches(req: Request, server: ServerView) -> bool:
     return req.server is None or req.server in (server.id, server.name, server.address)
 
 
+def share_too_small(share: Share, gpu: GpuView) -> bool:
+    """A fraction that comes to less than its `min_bytes` on `gpu`."""
+    return share.kind == "fraction" and need_bytes(share, gpu) < share.min_bytes
+
+
 def gpu_matches(req: Request, server: ServerView, gpu: GpuView) -> bool:
-    """The request's filters, apart from the server and capacity."""
+    """The request's filters, apart from the server and capacity (and a fraction too small for the GPU)."""
+    if share_too_small(req.share, gpu):
+        return False
     if req.model is not None and req.model.lower() not in gpu.model.lower():
         return False
     if req.kind is not None and req.kind != gpu.kind:
@@ -272,7 +282,7 @@ def _memo_key(req: Request) -> int:
     """A number per request shape, looked up once per placement instead of hashing the shape once
     per server. Numbers are never reused (not even after the table is cleared), so a memo never
     answers for another shape."""
-    shape = (req.n, req.share.kind, req.share.fraction, req.share.bytes, req.model, req.kind,
+    shape = (req.n, req.share.kind, req.share.fraction, req.share.bytes, req.share.min_bytes, req.model, req.kind,
              req.min_memory_bytes, tuple(sorted(req.labels.items())), req.spread)
     key = _MEMO_KEYS.get(shape)
     if key is None:
@@ -374,6 +384,11 @@ def explain(req: Request, snap: Snapshot) -> str:
     matching = [(s, [g for g in s.gpus if gpu_matches(req, s, g)]) for s in usable]
     matching = [(s, gs) for s, gs in matching if gs]
     if not matching:
+        small = [g for s in usable for g in s.gpus if share_too_small(req.share, g)]
+        if small:
+            largest = max(g.memory_bytes for g in small)
+            return (f"{req.share.describe()} is under {_fmt(req.share.min_bytes)} on every GPU it could go on "
+                    f"(the largest has {_fmt(largest)}): ask for a larger fraction")
         models = sorted({g.model for s in usable for g in s.gpus})
         return f"no GPU matches the filters ({req.describe()}); the pool has: {', '.join(models)}"
     most = max(len(gs) for _, gs in matching)

@@ -441,13 +441,15 @@ class SweepResult:
 
 
 def request_to_json(req: sched.Request) -> dict[str, Any]:
-    return {"n": req.n, "share": {"kind": req.share.kind, "fraction": req.share.fraction, "bytes": req.share.bytes},
+    return {"n": req.n, "share": {"kind": req.share.kind, "fraction": req.share.fraction, "bytes": req.share.bytes,
+                                   "min_bytes": req.share.min_bytes},
             "model": req.model, "kind": req.kind, "min_memory_bytes": req.min_memory_bytes,
             "server": req.server, "labels": dict(req.labels), "spread": req.spread}
 
 
 def request_from_json(d: dict[str, Any]) -> sched.Request:
-    share = sched.Share(d["share"]["kind"], fraction=d["share"]["fraction"], bytes=d["share"]["bytes"])
+    share = sched.Share(d["share"]["kind"], fraction=d["share"]["fraction"], bytes=d["share"]["bytes"],
+                        min_bytes=d["share"].get("min_bytes", 0))  # absent in entries queued before it existed
     return sched.Request(n=d["n"], share=share, model=d["model"], kind=d["kind"],
                          min_memory_bytes=d["min_memory_bytes"], server=d["server"],
                          labels=d["labels"], spread=d["spread"])
