@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck bench bench-quick bench-gpu allowlist kernel-sweep clean
+.PHONY: venv demo test lint typecheck bench bench-quick bench-gpu allowlist kernel-sweep fuzz clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,7 @@ test: lint
 
 bench: venv
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.tls
 
 bench-quick: venv
 	$(BIN)/python -m bench.run --quick
@@ -38,6 +39,11 @@ allowlist: venv
 kernel-sweep: venv
 	$(BIN)/python tools/kernel_sweep.py -v
 	$(BIN)/python tools/kernel_sweep.py --sanitised --findings
+
+# Fuzzing (tools/fuzz): decoders and the executor (atheris), a live server, the controller's API;
+# FUZZ_SECONDS each (default 60), FUZZ_FRAMES caps the live server's frames.
+fuzz: venv
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-60} $(BIN)/python -m tools.fuzz
 
 # On a machine with an NVIDIA GPU (no venv: uses the machine's own torch).
 bench-gpu:

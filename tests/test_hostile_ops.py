@@ -19,7 +19,7 @@ import torch
 import gpupool
 from gpupool.protocol import messages as m
 from tests.conftest import ServerProc
-from tests.test_bad_input import WAIT, RawClient, assert_healthy, gone, ref, worker_pid
+from tests.test_bad_input import WAIT, Ext, RawClient, assert_healthy, gone, ref, worker_pid
 
 MiB = 1024**2
 
@@ -184,6 +184,20 @@ def test_a_huge_polynomial_degree_is_refused(srv, healthy) -> None:
     assert c.error() is None
     got = c.get(4, torch.float32, (2,))
     assert got[0].isnan() and got[1] == torch.special.legendre_polynomial_p(torch.tensor(0.5), 2.0)
+    c.close()
+    assert_healthy(srv, healthy)
+
+
+def test_a_zero_tensor_resized_in_place_does_not_crash_the_worker(srv, healthy) -> None:
+    """Found by `make fuzz`: `_efficientzerotensor` then `resize_` wrote through a null data
+    pointer and killed the worker with SIGSEGV (plain torch 2.13 crashes the same way)."""
+    c = Wire(srv.address)
+    c.op("aten::_efficientzerotensor", [[4]], [1], device=Ext(m.ExtCode.DEVICE, b""))
+    c.send([m.Op(Wire.seq + 1, "aten::resize_", [ref(1), [7]], {}, [-1], False)])
+    Wire.seq += 1
+    c.op("aten::add_.Scalar", [ref(1), 2.0], [-1])
+    assert c.error() is None
+    assert c.get(1, torch.float32, (7,))[:4].tolist() == [2.0] * 4
     c.close()
     assert_healthy(srv, healthy)
 

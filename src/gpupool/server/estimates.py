@@ -69,7 +69,8 @@ def _full_dtype(get: Getter) -> torch.dtype:
 
 def _strided(get: Getter) -> int | None:
     size, stride = get("size"), get("stride")
-    if _numel(size) is None or not isinstance(stride, list) or len(stride) != len(size):
+    if not isinstance(size, list) or _numel(size) is None or not isinstance(stride, list) \
+            or len(stride) != len(size):
         return None
     if any(type(s) is not int for s in stride):
         return None

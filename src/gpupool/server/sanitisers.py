@@ -281,6 +281,20 @@ def _degree(b: Bound) -> Callable[[Any], Any] | None:
     return mark
 
 
+def _materialise_zeros(b: Bound) -> Callable[[Any], Any]:
+    """A ZeroTensor reports storage it does not have (its data pointer is null): an in-place
+    op on it, `resize_` among them, wrote through null and killed the worker (found by `make
+    fuzz`; plain torch 2.13 crashes the same way). Autograd's formulas ask for it only as an
+    optimisation, so the session gets real zeros of the same shape and dtype instead."""
+
+    def real(result: Any) -> Any:
+        if isinstance(result, torch.Tensor) and result._is_zerotensor():
+            return torch.zeros(result.shape, dtype=result.dtype, device=result.device)
+        return result
+
+    return real
+
+
 _POLYNOMIALS = (
     "chebyshev_polynomial_t", "chebyshev_polynomial_u", "chebyshev_polynomial_v",
     "chebyshev_polynomial_w", "hermite_polynomial_h", "hermite_polynomial_he",
@@ -339,6 +353,8 @@ SANITISERS: dict[str, Sanitiser] = {
         for p in _POLYNOMIALS
         for overload in ("", ".out", ".x_scalar", ".x_scalar_out", ".n_scalar", ".n_scalar_out")
     },
+    "aten::_efficientzerotensor": _materialise_zeros,
+    "aten::_efficientzerotensor.out": _materialise_zeros,
     "aten::max_pool2d_with_indices_backward": _pool_indices(2),
     "aten::max_pool2d_with_indices_backward.grad_input": _pool_indices(2),
     "aten::max_pool3d_with_indices_backward": _pool_indices(3),

@@ -1,0 +1,3 @@
+from tools.fuzz.run import main
+
+main()
