@@ -183,8 +183,8 @@ def cert(
     names: list[str] = typer.Argument(..., help="Host names and addresses clients reach the server by."),
     out: str = typer.Option("server", "--out", "-o", help="Files to write: OUT.pem and OUT-key.pem."),
 ) -> None:
-    """Issue a TLS certificate from this machine's pool CA (made by `gpupool up`), for a GPU
-    server or controller on another host:  gpupool cert gpu-7.lab 10.0.0.7 -o gpu-7
+    """Issue a TLS certificate from this machine's pool CA (made by `gpupool up` or by the first
+    `gpupool cert`), for a GPU server or controller:  gpupool cert gpu-7.lab 10.0.0.7 -o gpu-7
 
     Copy both files to that host and start it with --tls-cert gpu-7.pem --tls-key gpu-7-key.pem;
     clients trust the CA ($GPUPOOL_HOME/ca.pem, given to them as GPUPOOL_CA). Running the command

@@ -404,7 +404,7 @@ def cert(names: list[str], out: str) -> None:
         _die("name at least one host name or address the server is reached by")
     d = home.home()
     if not (d / "ca-key.pem").exists():
-        _die(f"no pool CA in {d}: run `gpupool up` once on this machine (it makes one), or set GPUPOOL_HOME")
+        print(f"made a new pool CA in {d} (ca.pem; its key ca-key.pem stays on this machine)")
     base = Path(out)
     pki.write_leaf(pki.load_or_make_ca(d), names, base.with_suffix(".pem"), base.with_name(base.name + "-key.pem"))
     print(f"wrote {base.with_suffix('.pem')} and {base.with_name(base.name + '-key.pem')} (keep the key 0600); "

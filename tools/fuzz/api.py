@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tools.fuzz.common import Findings, Result
+from tools.fuzz.common import Findings, Result, stop_process
 
 ADMIN_TOKEN = "gpp_fuzz-admin-token"
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
@@ -84,13 +84,7 @@ class Controller:
 
     def stop(self) -> None:
         self.admin.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

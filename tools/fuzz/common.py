@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import threading
 import time
 import traceback
@@ -247,3 +248,14 @@ def write_seeds(argv: list[str], seeds: list[bytes]) -> None:
         return
     for s in seeds:
         (corpus / f"seed-{hashlib.sha1(s).hexdigest()[:16]}").write_bytes(s)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.fuzz import corpus, mutate
-from tools.fuzz.common import Findings, Result, join_frames, split_frames
+from tools.fuzz.common import Findings, Result, join_frames, split_frames, stop_process
 
 from gpupool.errors import ProtocolError, ServerLost
 from gpupool.protocol import messages as m
@@ -137,13 +137,7 @@ class Server:
         return self.exits.get(pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 
