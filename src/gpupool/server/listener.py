@@ -323,6 +323,8 @@ class Server:
     def _admit_secure(self, conn: socket.socket, secure: socket.socket, peer: tuple[Any, ...],
                       ticket: Ticket) -> tuple[bool, bool]:
         hello = self._read_hello(secure, peer)
+        with self._lock:  # the handshake is over: its deadline no longer applies (starting a
+            self._opening.pop(ticket, None)  # worker may take longer than it)
         if hello is None:
             return False, False
         with self._lock:
