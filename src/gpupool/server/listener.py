@@ -40,6 +40,10 @@ from gpupool.server.workers import Spare, Worker, hand_off, read_worker_messages
 log = logging.getLogger("gpupool.server")
 
 
+#: Seconds past the handshake deadline after which the watchdog cuts a connection.
+_WATCHDOG_GRACE = 2.0
+
+
 def _env_float(name: str, default: float) -> float:
     try:
         return float(os.environ.get(name, default))
@@ -227,7 +231,11 @@ class Server:
             with self._lock:
                 door = self._gate.open(str(peer[0]))
                 if isinstance(door, Opened):
-                    self._opening[door.ticket] = (conn, time.monotonic() + self.config.limits.handshake_timeout)
+                    # Note: the watchdog is the backstop (a TLS handshake has no deadline of its
+                    # own); a hello's reader stops at the deadline itself and says why, so the
+                    # watchdog waits a little longer, not to cut that answer off.
+                    self._opening[door.ticket] = (conn, time.monotonic() + self.config.limits.handshake_timeout
+                                                  + _WATCHDOG_GRACE)
                     if door.evict is not None and door.evict in self._opening:
                         log.warning("ended a handshake from %s to make room for %s", door.evict.peer, peer)
                         _cut(self._opening.pop(door.evict)[0])
