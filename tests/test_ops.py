@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gpupool
-from gpupool.client import dispatch
+from gpupool.client import oprecord
 
 aten = torch.ops.aten
 
@@ -157,4 +157,4 @@ def test_fast_path_adds_no_route_work(session) -> None:
     """A planned op's route is decided once: later calls find it with one dict lookup."""
     x = torch.ones(3, device=session.device)
     (x + 1).cpu()
-    assert dispatch._routes[id(aten.add.Tensor)] is None
+    assert oprecord.record_of(aten.add.Tensor).route is None

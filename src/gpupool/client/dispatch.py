@@ -5,8 +5,8 @@ The common path (`run_remote`) never waits for the server: output metadata comes
 ops that must return data to the host wait: copies to the CPU, `.item()`, ops whose output shape
 depends on the data, and ops that return plain Python values.
 
-Note [Routes]: what is special about an op is decided once per op overload and kept in
-`_routes`: ops returning Python values go through `run_remote_sync`; ops the server may not run
+Note [Routes]: what is special about an op is decided once per op overload and kept in its
+`OpRecord` (oprecord.py): ops returning Python values go through `run_remote_sync`; ops the server may not run
 (non-aten custom ops, denied aten ops) run their Python decomposition here, so only allowed aten
 ops reach the wire; ops whose output layout on a CPU-backed server differs from their meta
 kernel's get their plan corrected. Everything else takes the plain path, so the per-op cost of
@@ -21,29 +21,29 @@ from typing import Any
 
 import torch
 
-from gpupool.client import meta
+from gpupool.client import meta, oprecord
 from gpupool.client.hostmem import empty_for_download
 from gpupool.client.session import Session, current_session, session_for_device
 from gpupool.client.tensor import Handle, RemoteTensor
 from gpupool.errors import UnsupportedError
 from gpupool.protocol import messages as m
 from gpupool.protocol.ops import check_op_name
-from gpupool.torchcodec import DTYPE_TO_NAME, dtype_from_name, host_bytes, op_name
+from gpupool.torchcodec import DTYPE_TO_NAME, dtype_from_name, host_bytes
 
 aten = torch.ops.aten
-_names: dict[int, str] = {}
 
-#: The handler of each op that needs one (None: the plain planned path). See Note [Routes].
+#: The handler of an op that needs one (None: the plain planned path). See Note [Routes].
 Route = Callable[[torch._ops.OpOverload, tuple, dict, Session], Any]
-_routes: dict[int, Route | None] = {}
-_UNSET: Any = object()
+_records = oprecord._records
+
+
+def _rec(func: torch._ops.OpOverload) -> oprecord.OpRecord:
+    r = _records.get(id(func))
+    return r if r is not None else oprecord.record_of(func)
 
 
 def _name(func: torch._ops.OpOverload) -> str:
-    n = _names.get(id(func))
-    if n is None:
-        n = _names[id(func)] = op_name(func)
-    return n
+    return _rec(func).name
 
 
 def _returns_values(func: torch._ops.OpOverload) -> bool:
@@ -93,45 +93,26 @@ def run_remote(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: 
     """Plan the op locally, queue it on the server, return its (remote) outputs."""
     if session is None:
         session = _find_session(args, kwargs) or current_session()
-    restrided = _restrides.get(id(func))
-    if restrided is None:
-        restrided = _restrides[id(func)] = _restrided_args(func)
-    if restrided:
-        for i, name in restrided:
+    rec = _records.get(id(func)) or oprecord.record_of(func)
+    if rec.restrided:
+        for i, name in rec.restrided:
             t = args[i] if 0 <= i < len(args) else kwargs.get(name)
             if isinstance(t, RemoteTensor) and t._h.shared:
                 _unshare(t)
     if kwargs.get("generator") is not None:
         raise UnsupportedError(
-            f"{_name(func)}: an explicit torch.Generator cannot drive a gpupool device; "
+            f"{rec.name}: an explicit torch.Generator cannot drive a gpupool device; "
             "seed with torch.manual_seed instead"
         )
-    route = _routes.get(id(func), _UNSET)
-    if route is _UNSET:
-        route = _routes[id(func)] = _choose_route(func)
+    route = rec.route
+    if route is oprecord.UNSET:
+        route = rec.route = _choose_route(func)
     if route is not None:
         return route(func, args, kwargs, session)
-    p = meta.plan(func, args, kwargs)
+    p = meta.plan(func, args, kwargs, rec.values_matter)
     if p is meta.DYNAMIC:
         return run_remote_sync(func, args, kwargs, session)
     return _launch(func, args, kwargs, session, p)
-
-
-#: Per op (by `id`): the (position, name) of the arguments whose metadata it may change in place
-#: (in-place view ops, resizes, `set_`, `out=` tensors, which an op may resize).
-_restrides: dict[int, tuple[tuple[int, str], ...]] = {}
-_RESTRIDING = {"resize_", "resize_as_", "set_", "as_strided_", "_resize_output_"}
-
-
-def _restrided_args(func: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
-    schema = func._schema
-    base = schema.name.split("::", 1)[-1]
-    metadata = torch.Tag.inplace_view in func.tags or base in _RESTRIDING
-    out = []
-    for i, a in enumerate(schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write and (metadata or a.kwarg_only):
-            out.append((-1 if a.kwarg_only else i, a.name))
-    return tuple(out)
 
 
 def _unshare(t: RemoteTensor) -> None:
@@ -644,31 +625,13 @@ def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
     special = _SPECIAL_IDS.get(id(func))
     if special is not None:
         return special(func, args, kwargs)
-    if func in _composite:
+    if (_records.get(id(func)) or oprecord.record_of(func)).composite:
         # Note: without autograd keys (inference tensors) composite ops such as `to` reach us
         # whole; decompose them so copies and views take their usual paths.
         out = func.decompose(*args, **kwargs)
         if out is not NotImplemented:
             return out
     return run_remote(func, args, kwargs)
-
-
-class _CompositeOps:
-    """Ops with a CompositeImplicitAutograd kernel, looked up once per op."""
-
-    def __init__(self) -> None:
-        self._known: dict[int, bool] = {}
-
-    def __contains__(self, func: Any) -> bool:
-        r = self._known.get(id(func))
-        if r is None:
-            r = self._known[id(func)] = torch._C._dispatch_has_kernel_for_dispatch_key(
-                func.name(), "CompositeImplicitAutograd"
-            )
-        return r
-
-
-_composite = _CompositeOps()
 
 
 def fallback(func: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gpupool.client.oprecord import record_of
 from gpupool.client.tensor import RemoteTensor
 from gpupool.errors import UnsupportedError
 
@@ -47,24 +48,6 @@ DYNAMIC = Plan((), None)
 _META_DEVICE = torch.device("meta")
 _cache: dict[Any, Plan] = {}
 _stats = {"hits": 0, "misses": 0}
-_scalar_keyed: dict[int, bool] = {}
-
-
-def _values_matter(func: torch._ops.OpOverload) -> bool:
-    """Whether scalar *values* (not just their types) can change the output metadata."""
-    # Note: op-keyed tables here and in dispatch use id(func): OpOverload.__hash__ is Python
-    # code (~0.7 µs a call); the overloads are module-level singletons, so their ids are stable.
-    r = _scalar_keyed.get(id(func))
-    if r is None:
-        name = func.__name__
-        r = not (
-            torch.Tag.pointwise in func.tags
-            or name.startswith(("_foreach_", "_fused_"))
-        )
-        _scalar_keyed[id(func)] = r
-    return r
-
-
 CONJ, NEG = 1, 2
 
 
@@ -184,8 +167,10 @@ def args_signature(args: tuple, values: bool) -> tuple:
     return tuple(out)
 
 
-def plan(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Plan:
-    values = _values_matter(func)
+def plan(func: torch._ops.OpOverload, args: tuple, kwargs: dict, values: bool | None = None) -> Plan:
+    """The op's plan; `values`: whether scalar values key it (`OpRecord.values_matter`)."""
+    if values is None:
+        values = record_of(func).values_matter
     key: Any = (
         id(func),
         args_signature(args, values),
