@@ -33,6 +33,10 @@ class ExtCode:
     LAYOUT = 5  # payload: name, e.g. b"strided"
     COMPLEX = 6  # payload: two f64
     CPU_TENSOR = 7  # payload: small host tensor inline: dtype name, shape, raw bytes (msgpack)
+    # Only inside a `TraceOp`'s template (decoded by the trace decoder, refused elsewhere):
+    VALUE = 8  # payload: u64 value number: a tensor an earlier op of the trace made
+    SLOT = 9  # payload: u64 slot number: a tensor from outside, named by the replay
+    SCALAR = 10  # payload: u64 scalar number, then one kind byte: b"f" float, b"i" int, b"c" complex
 
 
 HANDLE = struct.Struct("<Q")
@@ -163,7 +167,57 @@ class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True, forbid_unknow
     """Clean end of the session."""
 
 
-Command = Op | Upload | Free | Seed | Fetch | Item | Sync | Stats | GetRngState | SetRngState | Bye
+# ---- step replay (client/replay.py, server/traces.py) -----------------------------------------
+
+
+class TraceOp(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """One op of a trace. `args`: msgpack `[args, kwargs]` whose tensors are `VALUE` and `SLOT`
+    references and whose per-replay scalars are `SCALAR` references (no handles); `outs`: per
+    flattened tensor result, the value number it becomes (numbered in order) or -1 for an input
+    returned again."""
+
+    op: str
+    args: bytes
+    outs: list[int]
+
+
+class Trace(msgspec.Struct, tag="trace", array_like=True, frozen=True, forbid_unknown_fields=True):
+    """Register (or replace) trace `trace`; the server answers `Value` with "" when it accepted
+    it, or with why not (a sync point for the trace only: earlier errors stay pending)."""
+
+    trace: int
+    ops: list[TraceOp]
+    values: int
+
+
+class FreeAt(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """Handles to free just before op `at` of a replay runs."""
+
+    at: int
+    handles: list[int]
+
+
+class Replay(msgspec.Struct, tag="replay", array_like=True, frozen=True, forbid_unknown_fields=True):
+    """Run ops `start` to `stop` (exclusive) of trace `trace`: value v is stored under handle
+    `base + v`; `slots` and `scalars` are those of the ops in that range, in order."""
+
+    seq: int
+    trace: int
+    start: int
+    stop: int
+    base: int
+    slots: list[int]
+    scalars: list[Any]
+    frees: list[FreeAt] = []
+
+
+class Forget(msgspec.Struct, tag="forget", array_like=True, frozen=True, forbid_unknown_fields=True):
+    """Drop trace `trace`."""
+
+    trace: int
+
+
+Command = Op | Upload | Free | Seed | Fetch | Item | Sync | Stats | GetRngState | SetRngState | Bye | Trace | Replay | Forget
 
 
 class Batch(msgspec.Struct, tag="batch", frozen=True, forbid_unknown_fields=True):

@@ -36,6 +36,15 @@ from gpupool.protocol.framing import FrameReader, FrameWriter
 from gpupool.server.memory import Budget
 from gpupool.server.oppolicy import TYPED_KINDS, OpDenied, OpPolicy, OpSpec, out_growth
 from gpupool.server.sanitisers import Bound, SanitiserRefused
+from gpupool.server.traces import (
+    MAX_SESSION_TRACE_OPS,
+    MAX_TRACES,
+    CompiledTrace,
+    TraceRefused,
+    compile_trace,
+    fill,
+    template_ext_hook,
+)
 from gpupool.torchcodec import DTYPE_TO_NAME, DTYPES, LAYOUTS, MEMORY_FORMATS, host_bytes
 from gpupool.units import format_bytes
 
@@ -123,6 +132,8 @@ class Executor:
         self.ran = record  # if given: where the canonical names of the ops that ran are added
         self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
         self.encoder = m.make_encoder(enc_hook=self._enc_hook)
+        self.traces: dict[int, CompiledTrace] = {}
+        self._template_decoder = m.make_decoder(tuple[list[Any], dict[str, Any]], ext_hook=template_ext_hook(self._ext_hook))
 
     @property
     def memory_limit(self) -> int:
@@ -516,10 +527,19 @@ class Executor:
                     failed = m.ErrorInfo(cmd.seq, cmd.op, "op", f"cannot send the result: {e}")
                     encoded = self.encoder.encode(m.OpResult(error=err or failed))
                 writer.send(encoded)
+        elif t is m.Replay:
+            assert isinstance(cmd, m.Replay)
+            self.replay(cmd)
         elif t is m.Free:
             assert isinstance(cmd, m.Free)
             for h in cmd.handles:
                 self._free(h)
+        elif t is m.Trace:
+            assert isinstance(cmd, m.Trace)
+            writer.send(self.encoder.encode(m.Value(value=self.register(cmd))))
+        elif t is m.Forget:
+            assert isinstance(cmd, m.Forget)
+            self.traces.pop(cmd.trace, None)
         elif t is m.Upload:
             assert isinstance(cmd, m.Upload)
             try:
@@ -575,6 +595,78 @@ class Executor:
         elif t is m.Bye:
             return True
         return False
+
+    # ---- step replay (Note [Trace templates] in traces.py) -------------------------------------
+
+    def register(self, cmd: m.Trace) -> str:
+        """Check and keep a trace; "" when accepted, else why not (nothing else changes)."""
+        try:
+            if not 0 < cmd.trace < 1 << 32:
+                raise TraceRefused("trace ids are 1 to 2**32 - 1")
+            old = self.traces.pop(cmd.trace, None)
+            total = sum(len(t.ops) for t in self.traces.values()) + len(cmd.ops)
+            if len(self.traces) >= MAX_TRACES or total > MAX_SESSION_TRACE_OPS:
+                if old is not None:
+                    self.traces[cmd.trace] = old
+                raise TraceRefused(f"a session keeps at most {MAX_TRACES} traces of {MAX_SESSION_TRACE_OPS} ops in all")
+            self.traces[cmd.trace] = compile_trace(
+                cmd, self._spec, lambda b: self._template_decoder.decode(b), self._check_args
+            )
+            return ""
+        except (TraceRefused, OpFailed) as e:
+            return f"trace {cmd.trace} refused: {e}"[:4000]
+
+    def replay(self, cmd: m.Replay) -> None:
+        """Run ops `start:stop` of a trace, each as `run_op` runs an ordinary op."""
+        trace = self.traces.get(cmd.trace)
+        try:
+            if trace is None:
+                raise OpFailed("protocol", f"replay of trace {cmd.trace}, which this session has not registered")
+            self._check_replay(cmd, trace)
+        except OpFailed as e:
+            self._record(cmd.seq, "replay", e)
+            return
+        frees = {f.at: f.handles for f in cmd.frees}
+        slot0, scalar0 = trace.slot_at[cmd.start], trace.scalar_at[cmd.start]
+        base, slots, scalars = cmd.base, cmd.slots, cmd.scalars
+        for i in range(cmd.start, cmd.stop):
+            dead = frees.get(i)
+            if dead:
+                for h in dead:
+                    self._free(h)
+            op = trace.ops[i]
+            outs = [base + v if v >= 0 else -1 for v in op.outs]
+            if op.dynamic:
+                args = fill(op.args, base, slots, slot0, scalars, scalar0, Ref)
+                kwargs = {k: fill(v, base, slots, slot0, scalars, scalar0, Ref) for k, v in op.kwargs.items()}
+            else:
+                args, kwargs = op.args, op.kwargs
+            one = m.Op(cmd.seq, op.name, args, kwargs, outs)
+            try:
+                self.run_op(one)
+            except Exception as e:  # noqa: BLE001 - deferred to the next sync, as for an op
+                self._free_outs(one)
+                self._record(cmd.seq, op.name, e)
+
+    @staticmethod
+    def _check_replay(cmd: m.Replay, trace: CompiledTrace) -> None:
+        if not 0 <= cmd.start < cmd.stop <= len(trace.ops):
+            raise OpFailed("protocol", f"replay of ops {cmd.start}:{cmd.stop} of a trace of {len(trace.ops)}")
+        if not 0 <= cmd.base < (1 << 63) - trace.values:
+            raise OpFailed("protocol", "replay handle base out of range")
+        if len(cmd.slots) != trace.slot_at[cmd.stop] - trace.slot_at[cmd.start]:
+            raise OpFailed("protocol", "replay with the wrong number of slots")
+        n = trace.scalar_at[cmd.stop] - trace.scalar_at[cmd.start]
+        if len(cmd.scalars) != n:
+            raise OpFailed("protocol", "replay with the wrong number of scalars")
+        types = trace.scalar_types
+        s0 = trace.scalar_at[cmd.start]
+        for j, v in enumerate(cmd.scalars):
+            if type(v) is not types[s0 + j]:
+                raise OpFailed("protocol", f"replay scalar {j} is a {type(v).__name__}, not a {types[s0 + j].__name__}")
+        for f in cmd.frees:
+            if not cmd.start <= f.at < cmd.stop:
+                raise OpFailed("protocol", "replay frees outside its ops")
 
     def _free_outs(self, cmd: m.Op) -> None:
         """Note: a failed op, or one whose result cannot be described, leaves no handle."""
