@@ -27,12 +27,12 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
 
-from gpupool import tls as tls_policy
+from gpupool.client.transport import Transport, open_transport
 from gpupool.errors import (
     AuthError,
     ConnectError,
@@ -49,9 +49,11 @@ from gpupool.errors import (
 )
 from gpupool.netaddr import parse_host_port
 from gpupool.protocol import messages as m
-from gpupool.protocol.framing import FrameReader, FrameWriter
 from gpupool.protocol.version import PROTOCOL_VERSION
 from gpupool.torchcodec import DTYPES
+
+if TYPE_CHECKING:
+    from gpupool.client.replay import Replayer
 
 FORK_MESSAGE = (
     "this process was forked from one holding a gpupool session; a forked child cannot use the "
@@ -140,26 +142,32 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class Connection:
+    """One session's command stream to its server, over a `Transport` (transport.py).
+
+    Without `transport`, a socket to `address` is opened (`open_transport`: TLS as `tls` and
+    Note [When TLS is required] say, `timeout` for connecting and for the handshake). With one,
+    it is used as it is (`timeout` and `tls` do not apply) and `address` is only the name of the
+    peer in messages (the transport's `label` when empty).
+    """
+
     def __init__(self, address: str, token: str, timeout: float = 30.0, lease: str = "", gpu: int = 0,
-                 tls: bool | None = None) -> None:
-        self.address = address
-        sock = tls_policy.connect(address, timeout, tls)
-        self._sock = sock
-        self._writer = FrameWriter(sock)
-        self._reader = FrameReader(sock)
+                 tls: bool | None = None, transport: Transport | None = None) -> None:
+        if transport is None:
+            transport = open_transport(address, timeout, tls)
+        self.address = address = address or transport.label
+        self.transport: Transport = transport
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = m.Hello(protocol=PROTOCOL_VERSION, token=token, client=socket.gethostname(), lease=lease, gpu=gpu)
-            self._writer.send(m.plain_encoder.encode(hello))
+            transport.send(m.plain_encoder.encode(hello))
             reply = self._read_reply()
         except ServerLost as e:
-            sock.close()
+            transport.close()
             raise ConnectError(f"{address} closed the connection during the handshake: {e}") from None
         except BaseException:
-            sock.close()
+            transport.close()
             raise
         if isinstance(reply, m.Refused):
-            sock.close()
+            transport.close()
             if reply.code == "auth":
                 raise AuthError(f"{address} refused the session: {reply.message}")
             if reply.code == "version":
@@ -168,9 +176,9 @@ class Connection:
                 raise LeaseError(f"{address} refused the lease: {reply.message}")
             raise ConnectError(f"{address} refused the session: {reply.message}")
         if not isinstance(reply, m.Welcome):
-            sock.close()
+            transport.close()
             raise ProtocolError(f"expected a welcome, got {type(reply).__name__}")
-        sock.settimeout(None)
+        transport.set_deadline(None)  # the handshake's timeout ends: ops may run for hours
         self.welcome: m.Welcome = reply
         self._lock = threading.RLock()
         self._cmds: list[msgspec.Raw] = []
@@ -184,6 +192,18 @@ class Connection:
         self._fork_generation = _fork_generation
         self.lost: str | None = None
         self._encoder: msgspec.msgpack.Encoder | None = None
+        #: Step replay (client/replay.py), set by the session; None when it is off.
+        self.replayer: Replayer | None = None
+        #: Whether the replayer holds matched ops not yet queued (they go before any command).
+        self.replay_pending = False
+        self.flush_after = FLUSH_AFTER_S
+
+    @property
+    def _sock(self) -> socket.socket:
+        """The socket of a `SocketTransport`, for tests that write raw bytes into a session
+        (tests/test_bad_input.py); `AttributeError` on any other transport."""
+        sock: socket.socket = getattr(self.transport, "sock")  # noqa: B009 - not every transport has one
+        return sock
 
     def set_encoder(self, encoder: msgspec.msgpack.Encoder) -> None:
         self._encoder = encoder
@@ -212,12 +232,14 @@ class Connection:
         now = time.perf_counter()
         with self._lock:
             self._check_open()
+            if self.replay_pending:
+                self.replayer.pending()  # type: ignore[union-attr]
             self._where[seq] = (name, _user_location())
             cmds = self._cmds
             if not cmds:
                 self._queued_at = now
             cmds.append(raw)
-            if len(cmds) >= MAX_PENDING or now - self._queued_at >= FLUSH_AFTER_S:
+            if len(cmds) >= MAX_PENDING or now - self._queued_at >= self.flush_after:
                 self._flush_locked()
 
     def op_with_reply(self, name: str, args: list[Any], kwargs: dict[str, Any], outs: list[int]) -> m.OpResult:
@@ -232,6 +254,8 @@ class Connection:
     def command(self, cmd: Any, buffer: memoryview | None = None, flush: bool = False) -> None:
         with self._lock:
             self._check_open()
+            if self.replay_pending:
+                self.replayer.pending()  # type: ignore[union-attr]
             self._queue_frees()  # Note [Ordering]: they died before this command was made
             self._cmds.append(msgspec.Raw(m.plain_encoder.encode(cmd)))
             if buffer is not None:
@@ -243,12 +267,16 @@ class Connection:
         seq = next(self._seq)
         cmd = m.Upload(seq, handle, dtype, shape, stride, offset, data.nbytes, into)
         with self._lock:
+            if self.replayer is not None:
+                self.replayer.boundary()  # Note [Segments] in replay.py: new data starts a step
             self._where[seq] = ("upload", _user_location())
         # Note: sent at once, so later changes to the host tensor do not reach the device.
         self.command(cmd, data, flush=True)
 
     def flush(self) -> None:
         with self._lock:
+            if self.replay_pending:
+                self.replayer.pending()  # type: ignore[union-attr]
             if self._cmds or self.frees:
                 self._check_open()
                 self._flush_locked()
@@ -269,7 +297,7 @@ class Connection:
             self._bufs = []
         msg = m.plain_encoder.encode(m.Batch(cmds))  # type: ignore[arg-type]
         try:
-            self._writer.send(msg, bufs)
+            self.transport.send(msg, bufs)
         except ServerLost as e:
             self.lost = f"lost the gpupool server at {self.address}: {e}"
             why = self._farewell()
@@ -280,19 +308,16 @@ class Connection:
         the connection (a lease that ended, the share exceeded), if it is there to read.
 
         Note: a server that ends a session sends why and closes; a client that was sending at
-        that moment gets a broken pipe first, and the reason waits unread in its socket buffer.
+        that moment gets a broken pipe first, and the reason waits unread in its socket buffer
+        (what the transport has received and not yet handed over).
         """
-        self._reader.deadline = time.monotonic() + 1.0
+        self.transport.set_deadline(time.monotonic() + 1.0)
         try:
             reply = self._read_reply()
         except (GpupoolError, OSError):
             return None
         finally:
-            self._reader.deadline = None
-            try:
-                self._sock.settimeout(None)
-            except OSError:
-                pass
+            self.transport.set_deadline(None)
         return self._refused(reply) if type(reply) is m.Refused else None
 
     def _refused(self, reply: m.Refused) -> Exception:
@@ -309,7 +334,7 @@ class Connection:
     # ---- replies ----------------------------------------------------------------------------
 
     def _read_reply(self) -> Any:
-        raw, _ = self._reader.read_message()
+        raw = self.transport.read_message()
         return m.decode(_reply_decoder, raw, "reply from the server")
 
     def request(self, cmd: Any, into: memoryview | None = None) -> Any:
@@ -317,6 +342,8 @@ class Connection:
         raw = cmd if type(cmd) is msgspec.Raw else msgspec.Raw(m.plain_encoder.encode(cmd))
         with self._lock:
             self._check_open()
+            if self.replayer is not None:
+                self.replayer.boundary()  # a sync point ends a segment (Note [Segments])
             # Note: frees go *before* the request: their tensors died before it was made, so no
             # queued command still uses them, and the reply (e.g. memory in use) reflects them.
             self._queue_frees()
@@ -329,9 +356,9 @@ class Connection:
                 err = getattr(reply, "error", None)
                 if isinstance(reply, m.Data) and err is None:
                     if into is not None:
-                        self._reader.read_buffer_into(into)
+                        self.transport.read_buffer_into(into)
                     else:
-                        into = memoryview(self._reader.read_buffer())
+                        into = memoryview(self.transport.read_buffer())
             except ServerLost as e:
                 self.lost = self.lost or f"lost the gpupool server at {self.address}: {e}"
                 raise ServerLost(self.lost) from None
@@ -347,8 +374,51 @@ class Connection:
             raise self._error(err, where)
         return reply
 
+    # ---- step replay (client/replay.py) --------------------------------------------------------
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def queue_raw(self, raw: msgspec.Raw, seq: int, name: str) -> None:
+        """Queue an encoded command (a replay chunk) under the lock the caller holds; `seq`, when
+        nonzero, names it in errors.
+
+        Note: frees collected so far go *after* it, unlike before other commands (Note
+        [Ordering]): the replayer hands the frees that precede each matched op to the chunk
+        itself (`FreeAt`), so what is left here died after the chunk's last op, which may still
+        use it.
+        """
+        self._check_open()
+        if seq:
+            self._where[seq] = (name, None)
+        if not self._cmds:
+            self._queued_at = time.perf_counter()
+        self._cmds.append(raw)
+        if len(self._cmds) >= MAX_PENDING:
+            self._flush_locked()
+
+    def ask(self, cmd: m.Trace) -> str:
+        """Register a trace: one round trip that leaves earlier ops' pending errors pending."""
+        with self._lock:
+            self._check_open()
+            self._queue_frees()
+            self._cmds.append(msgspec.Raw(m.plain_encoder.encode(cmd)))
+            self._flush_locked()
+            try:
+                reply = self._read_reply()
+            except ServerLost as e:
+                self.lost = self.lost or f"lost the gpupool server at {self.address}: {e}"
+                raise ServerLost(self.lost) from None
+            if type(reply) is m.Refused:
+                raise self._refused(reply)
+            if not isinstance(reply, m.Value) or not isinstance(reply.value, str):
+                raise ProtocolError(f"expected the server's answer to a trace, got {type(reply).__name__}")
+            return reply.value
+
     def _error(self, err: m.ErrorInfo, where: dict[int, tuple[str, tuple[str, int] | None]]) -> RemoteOpError:
         op, place = where.get(err.seq, (err.op, None))
+        if place is None and err.op:
+            op = err.op  # a replayed op: the server names which one
         loc = f"{place[0]}:{place[1]}" if place else ""
         text = f"{op} failed on the gpupool server: {err.message}"
         if loc:
@@ -365,7 +435,8 @@ class Connection:
                 return
             try:
                 # Note: a forked child holds a copy of the parent's socket: it must never write
-                # to it; closing its own descriptor leaves the parent's session intact.
+                # to it; closing its own descriptor (the transport's close) leaves the parent's
+                # session intact.
                 if self.lost is None and self._fork_generation == _fork_generation:
                     self._cmds.append(msgspec.Raw(m.plain_encoder.encode(m.Bye())))
                     self._flush_locked()
@@ -373,7 +444,4 @@ class Connection:
                 pass
             finally:
                 self.closed = True
-                try:
-                    self._sock.close()
-                except OSError:
-                    pass
+                self.transport.close()

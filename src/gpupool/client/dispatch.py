@@ -23,6 +23,7 @@ import torch
 
 from gpupool.client import meta, oprecord
 from gpupool.client.hostmem import empty_for_download
+from gpupool.client.replay import MISS
 from gpupool.client.session import Session, current_session, session_for_device
 from gpupool.client.tensor import Handle, RemoteTensor
 from gpupool.errors import UnsupportedError
@@ -107,12 +108,18 @@ def run_remote(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: 
     route = rec.route
     if route is oprecord.UNSET:
         route = rec.route = _choose_route(func)
+        rec.replayable = route is None or getattr(route, "plans", False)
+    replayer = session.conn.replayer
+    if replayer is not None and rec.replayable:
+        out = replayer.step(rec, args, kwargs)
+        if out is not MISS:
+            return out
     if route is not None:
         return route(func, args, kwargs, session)
     p = meta.plan(func, args, kwargs, rec.values_matter)
     if p is meta.DYNAMIC:
         return run_remote_sync(func, args, kwargs, session)
-    return _launch(func, args, kwargs, session, p)
+    return _launch(func, args, kwargs, session, p, rec)
 
 
 def _unshare(t: RemoteTensor) -> None:
@@ -140,8 +147,10 @@ def _detach(func: Any, args: tuple, kwargs: dict) -> Any:
     return r
 
 
-def _launch(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: Session, p: meta.Plan) -> Any:
-    """Queue the op with output handles for its plan's new tensors; return its outputs."""
+def _launch(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: Session, p: meta.Plan,
+            rec: oprecord.OpRecord | None = None) -> Any:
+    """Queue the op with output handles for its plan's new tensors; return its outputs (and
+    record it for step replay, client/replay.py)."""
     conn = session.conn
     inputs = meta.remote_inputs(args, kwargs) if any(o.arg >= 0 for o in p.outs) else []
     outs: list[int] = []
@@ -161,7 +170,11 @@ def _launch(func: torch._ops.OpOverload, args: tuple, kwargs: dict, session: Ses
                 meta.set_bits(r, spec.bits)
                 r._bits = spec.bits
             results.append(r)
-    conn.op(_name(func), list(args), kwargs, outs)
+    if rec is None:
+        rec = _rec(func)
+    conn.op(rec.name, list(args), kwargs, outs)
+    if conn.replayer is not None:
+        conn.replayer.record(rec, args, kwargs, p, outs)
     return meta.rebuild(p.structure, iter(results))
 
 
@@ -356,6 +369,7 @@ def _run_fixed(fix: LayoutFix, cpu_only: bool) -> Route:
             p = fix(args, kwargs, p)
         return _launch(func, args, kwargs, session, p)
 
+    run.plans = True  # type: ignore[attr-defined]  # its ops are recorded and replayed as planned ops
     return run
 
 
@@ -439,6 +453,9 @@ def _run_asking_cpu_server(func: torch._ops.OpOverload, args: tuple, kwargs: dic
     if p is meta.DYNAMIC:
         return run_remote_sync(func, args, kwargs, session)
     return _launch(func, args, kwargs, session, p)
+
+
+_run_asking_cpu_server.plans = True  # type: ignore[attr-defined]  # planned where it is not a sync
 
 
 def _overloads(*packets: Any) -> frozenset[Any]:

@@ -28,7 +28,7 @@ UNSET: Any = object()
 class OpRecord:
     """One op overload's facts. `route`: how the dispatcher runs it (None: planned and queued)."""
 
-    __slots__ = ("func", "name", "restrided", "values_matter", "composite", "route")
+    __slots__ = ("func", "name", "restrided", "values_matter", "composite", "route", "replayable")
 
     def __init__(self, func: torch._ops.OpOverload) -> None:
         self.func = func
@@ -37,6 +37,8 @@ class OpRecord:
         self.values_matter = _values_matter(func)
         self.composite = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
         self.route: Callable[..., Any] | None = UNSET
+        #: Whether step replay may stand in for it: its route ends in a planned, queued op.
+        self.replayable = False
 
     def __repr__(self) -> str:
         return f"<OpRecord {self.name}>"

@@ -6,13 +6,16 @@ import atexit
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
 
 from gpupool.errors import ConnectError, GpupoolError, SessionClosed
 from gpupool.protocol import messages as m
+
+if TYPE_CHECKING:
+    from gpupool.client.transport import Transport
 
 _lock = threading.Lock()
 _sessions: dict[int, Session] = {}
@@ -23,13 +26,19 @@ class Session:
     """A live session on a gpupool server. Use as a context manager; `.device` is its device."""
 
     def __init__(self, address: str, token: str, index: int, lease: str = "", gpu: int = 0,
-                 tls: bool | None = None) -> None:
+                 tls: bool | None = None, transport: Transport | None = None) -> None:
         from gpupool.client.connection import Connection
 
-        self.conn = Connection(address, token, lease=lease, gpu=gpu, tls=tls)
+        self.conn = Connection(address, token, lease=lease, gpu=gpu, tls=tls, transport=transport)
         self.index = index
         self.device = torch.device("gpupool", index)
-        self.conn.set_encoder(_make_encoder())
+        encoder = _make_encoder()
+        self.conn.set_encoder(encoder)
+        from gpupool.client import replay
+
+        if replay.ENABLED and encoder.enc_hook is not None:
+            replay.install_step_hook()
+            self.conn.replayer = replay.Replayer(self.conn, self, encoder.enc_hook)
         w = self.conn.welcome
         self.kind = w.device_kind
         self.device_name = w.device_name
@@ -49,6 +58,15 @@ class Session:
             f"<gpupool.Session {self.id} on {self.conn.address}: {self.device} = {self.kind} "
             f"'{self.device_name}', share {self.memory_limit} bytes>"
         )
+
+    def replay_stats(self) -> dict[str, int]:
+        """Step replay's counters (docs/transparency.md): segments and ops replayed, segments that
+        ended early or differed from their trace, traces registered or refused."""
+        r = self.conn.replayer
+        if r is None:
+            return {"segments_replayed": 0, "ops_replayed": 0, "partial": 0, "mismatches": 0,
+                    "traces_registered": 0, "traces_refused": 0}
+        return dict(r.stats)
 
     def synchronize(self) -> None:
         """Wait until every queued op ran; raises the first error since the last sync."""
@@ -83,6 +101,7 @@ def connect(
     gpu: int = 0,
     index: int | None = None,
     tls: bool | None = None,
+    transport: Transport | None = None,
 ) -> Session:
     """Open a session on a gpupool server; its device is `session.device` ("gpupool:N").
 
@@ -92,10 +111,16 @@ def connect(
 
     `tls`: None (the default) uses TLS off loopback, or on loopback with $GPUPOOL_TLS=1, verified
     against $GPUPOOL_CA (Note [When TLS is required] in gpupool/tls.py).
+
+    `transport`: an open `Transport` (gpupool/client/transport.py) to use instead of a socket to
+    `address` (e.g. `gpupool.client.inprocess`); `address` then only names it in messages, and
+    defaults to the transport's label.
     """
     from gpupool.client.backend import install
 
     install()
+    if transport is not None:
+        address = address or transport.label
     address = address or os.environ.get("GPUPOOL_SERVER")
     token = token if token is not None else os.environ.get("GPUPOOL_TOKEN", "")
     if lease is None:
@@ -107,7 +132,7 @@ def connect(
             index = next(i for i in range(len(_sessions) + 1) if i not in _sessions)
         elif index in _sessions:
             raise ConnectError(f"device gpupool:{index} already has a session")
-        s = Session(address, token, index, lease=lease, gpu=gpu, tls=tls)
+        s = Session(address, token, index, lease=lease, gpu=gpu, tls=tls, transport=transport)
         _sessions[index] = s
     return s
 
