@@ -61,6 +61,7 @@ class Fleet:
             self.address, self.token = server, token or os.environ.get("GPUPOOL_TOKEN", "")
         self.remote: Worker | None = None
         self.local: Worker | None = None
+        self.remote_env: dict[str, str] = {}  # see ensure()
         self.restarts = 0
         self.ensure()
         assert self.remote is not None
@@ -73,16 +74,27 @@ class Fleet:
             )
 
     def _spawn(self, side: str) -> Worker:
+        env = self.env
         if side == "remote":
             args = ["--server", self.address, "--token", self.token]
+            env = dict(env, **self.remote_env)
         else:
             args = ["--device", "cuda" if self.mode == "gpu" else "cpu", "--sockbase", self.sock_address]
-        w = Worker(side, args, self.env, self.logs / f"{side}-{self.restarts}.log")
+        w = Worker(side, args, env, self.logs / f"{side}-{self.restarts}.log")
         self.procs.append(w)
         return w
 
-    def ensure(self) -> None:
-        """Both workers up and ready (started together: each imports torch)."""
+    def ensure(self, remote_env: dict[str, str] | None = None) -> None:
+        """Both workers up and ready (started together: each imports torch).
+
+        `remote_env`: extra environment the gpupool client must run with (a Spec's `env`); a
+        remote worker started with another one is replaced. None keeps the current one.
+        """
+        if remote_env is not None and remote_env != self.remote_env:
+            if self.remote is not None:
+                self.remote.stop(grace=5)
+                self.restarts += 1
+            self.remote, self.remote_env = None, dict(remote_env)
         fresh = []
         if self.remote is None or not self.remote.alive():
             self.remote = self._spawn("remote")
@@ -157,7 +169,7 @@ def run_spec(fleet: Fleet, spec: Spec, mode: str, reps: int, tiny: bool, deadlin
         return max(20.0, min(spec.timeout, deadline - time.monotonic()))
     cfg = spec.config(mode, tiny)
     notes: list[str] = []
-    fleet.ensure()
+    fleet.ensure(spec.env)
     assert fleet.remote is not None and fleet.local is not None
     remote, local = fleet.remote, fleet.local
     try:
@@ -223,6 +235,9 @@ def _facts(info_r: dict[str, Any], info_l: dict[str, Any], cpu: dict[str, Any] |
         c, s, b = cpu.get("gpupool_client"), cpu.get("gpupool_server"), cpu["baseline"]
         server = f" + server {s:.3g}" if s is not None else ""
         out.append(f"CPU time {unit}: gpupool client {c:.3g}{server}, native {b:.3g}")
+        n_ops = info_r.get("ops_per_step")
+        if c is not None and n_ops and unit == "ms/step":
+            out.append(f"client {c * 1e3 / n_ops:.3g} µs/op ({n_ops} aten ops/step on gpupool)")
     if "params" in info_r:
         n = info_r["params"]
         out.append(f"{n / 1e6:.1f}M params" if n >= 1e6 else f"{n / 1e3:.1f}k params")

@@ -34,6 +34,9 @@ class Spec:
     timeout: float = 300.0  # seconds for one setup or one repetition of one side
     rep_scale: int = 1  # cheap, noise-prone rows alternate more often: reps * rep_scale
     note: str = ""
+    # Extra environment of the gpupool client process (the remote worker) for this row; the
+    # native side never sees it. The driver runs such rows in a remote worker of their own.
+    env: dict[str, str] = field(default_factory=dict)
 
     def config(self, mode: str, tiny: bool) -> dict[str, Any]:
         c = dict(self.cfg)
@@ -50,13 +53,17 @@ class Spec:
 
 
 _TRAIN_TINY = {"steps": 1, "warmup": 1}
+_MLP = {"model": "mlp", "batch": 16, "optimizer": "adam", "steps": 50, "warmup": 5}
+_CNN = {"model": "cnn", "size": 32, "batch": 32, "optimizer": "sgd", "steps": 10, "warmup": 3}
+_CNN_TINY = {"size": 8, "batch": 2, **_TRAIN_TINY}
+_NO_REPLAY = {"GPUPOOL_REPLAY": "0"}
 
 SPECS: list[Spec] = [
     Spec(
         "mlp_adam_step", "ms/step", "lower", 2.0, "train",
         "MLP 32-64-64-10, batch 16, Adam: one training step",
         "the same step, native eager",
-        cfg={"model": "mlp", "batch": 16, "optimizer": "adam", "steps": 50, "warmup": 5},
+        cfg=_MLP,
         quick={"steps": 30},
         tiny=_TRAIN_TINY,
     ),
@@ -74,10 +81,53 @@ SPECS: list[Spec] = [
         "cnn_step", "ms/step", "lower", 1.3, "train",
         "CNN (2 conv + BatchNorm), batch 32, 32x32 inputs, SGD momentum: one training step",
         "the same step, native eager",
-        cfg={"model": "cnn", "size": 32, "batch": 32, "optimizer": "sgd", "steps": 10, "warmup": 3},
+        cfg=_CNN,
         quick={"steps": 5},
-        tiny={"size": 8, "batch": 2, **_TRAIN_TINY},
+        tiny=_CNN_TINY,
         gpu={"steps": 30},
+    ),
+    Spec(
+        "lstm_step", "ms/step", "lower", 2.0, "train",
+        "word_language_model LSTM: embedding 1000x64, nn.LSTM(64, 64, 2 layers), linear decoder, "
+        "seq 35, batch 20, truncated BPTT (state carried, detached), SGD lr 20, "
+        "clip_grad_norm_ 0.25: one training step",
+        "the same step, native eager",
+        cfg={"model": "lstm_lm", "vocab": 1000, "emsize": 64, "nhid": 64, "layers": 2, "seq": 35,
+             "batch": 20, "dropout": 0.0, "optimizer": "sgd", "lr": 20.0, "momentum": 0.0,
+             "clip": 0.25, "steps": 10, "warmup": 3},
+        quick={"steps": 5},
+        tiny={"vocab": 50, "emsize": 8, "nhid": 8, "seq": 4, "batch": 2, **_TRAIN_TINY},
+    ),
+    Spec(
+        "lstm_cell_loop", "ms/step", "lower", 2.0, "train",
+        "time_sequence_prediction: LSTMCell(1, 51), LSTMCell(51, 51), Linear(51, 1) stepped over "
+        "100 samples in Python, batch 97, float64, MSE, Adam lr 0.01: one training step",
+        "the same step, native eager",
+        cfg={"model": "lstm_cells", "hidden": 51, "seq": 100, "batch": 97, "optimizer": "adam",
+             "lr": 0.01, "steps": 5, "warmup": 2},
+        quick={"steps": 2, "warmup": 1},
+        tiny={"seq": 4, "batch": 4, "hidden": 8, **_TRAIN_TINY},
+    ),
+    Spec(
+        "mlp_adam_step_eager", "ms/step", "lower", None, "train",
+        "`mlp_adam_step` with step replay off (GPUPOOL_REPLAY=0): one training step",
+        "the same step, native eager",
+        cfg=_MLP,
+        quick={"steps": 30},
+        tiny=_TRAIN_TINY,
+        env=_NO_REPLAY,
+        note="gpupool client with GPUPOOL_REPLAY=0 (step replay off)",
+    ),
+    Spec(
+        "cnn_step_eager", "ms/step", "lower", None, "train",
+        "`cnn_step` with step replay off (GPUPOOL_REPLAY=0): one training step",
+        "the same step, native eager",
+        cfg=_CNN,
+        quick={"steps": 5},
+        tiny=_CNN_TINY,
+        gpu={"steps": 30},
+        env=_NO_REPLAY,
+        note="gpupool client with GPUPOOL_REPLAY=0 (step replay off)",
     ),
     Spec(
         "op_add_small", "us/op", "lower", None, "op_add",

@@ -68,3 +68,58 @@ class GPT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.ln(x))
+
+
+class WordLM(nn.Module):
+    """pytorch/examples word_language_model's RNNModel (LSTM): embedding, LSTM, linear decoder.
+
+    `forward(tokens, hidden)` takes tokens (seq, batch) and the (h, c) state and returns the logits
+    (seq * batch, vocab) and the new state; `init_hidden(batch)` is the zero state.
+    """
+
+    def __init__(self, vocab: int = 1000, emsize: int = 64, nhid: int = 64, layers: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.vocab, self.nhid, self.layers = vocab, nhid, layers
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(vocab, emsize)
+        self.rnn = nn.LSTM(emsize, nhid, layers, dropout=dropout)
+        self.decoder = nn.Linear(nhid, vocab)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def forward(self, tokens: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        emb = self.drop(self.encoder(tokens))
+        output, hidden = self.rnn(emb, hidden)
+        decoded = self.decoder(self.drop(output))
+        return decoded.view(-1, self.vocab), hidden
+
+    def init_hidden(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = next(self.parameters())
+        return w.new_zeros(self.layers, batch, self.nhid), w.new_zeros(self.layers, batch, self.nhid)
+
+
+class SineLSTM(nn.Module):
+    """pytorch/examples time_sequence_prediction's Sequence: two LSTMCells and a linear head,
+    stepped over the time axis of `x` (batch, time) one sample at a time."""
+
+    def __init__(self, hidden: int = 51) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.lstm1 = nn.LSTMCell(1, hidden)
+        self.lstm2 = nn.LSTMCell(hidden, hidden)
+        self.linear = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, future: int = 0) -> torch.Tensor:
+        outputs = []
+        h_t = x.new_zeros(x.size(0), self.hidden)
+        c_t = x.new_zeros(x.size(0), self.hidden)
+        h_t2 = x.new_zeros(x.size(0), self.hidden)
+        c_t2 = x.new_zeros(x.size(0), self.hidden)
+        output = x[:, :1]
+        for input_t in [*x.split(1, dim=1), *([None] * future)]:
+            h_t, c_t = self.lstm1(output if input_t is None else input_t, (h_t, c_t))
+            h_t2, c_t2 = self.lstm2(h_t, (h_t2, c_t2))
+            output = self.linear(h_t2)
+            outputs.append(output)
+        return torch.cat(outputs, dim=1)
