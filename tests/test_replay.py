@@ -251,24 +251,39 @@ def test_a_good_trace_replays_and_a_bad_one_is_refused(srv, healthy) -> None:
         c.send([m.Replay(5, 1, 0, 2, base, [1, 2], [3.0])])
         assert _fetch(c, base + 1) == [33.0, 66.0]
 
+        # Each refused for its own reason (the part of the answer that says which).
         refusals = {
-            "denied op": m.Trace(2, [m.TraceOp("aten::_pin_memory.default", _template([_slot(0)]), [0])], 1),
-            "unknown op": m.Trace(2, [m.TraceOp("os::system", _template(["ls"]), [])], 0),
-            "a handle in a template": m.Trace(2, [m.TraceOp(
+            "denied op": (m.Trace(2, [m.TraceOp("aten::_pin_memory.default", _template([_slot(0)]), [0])], 1),
+                          "not on the server's op allowlist"),
+            "unknown op": (m.Trace(2, [m.TraceOp("os::system", _template(["ls"]), [])], 0), "namespace 'os'"),
+            "a handle in a template": (m.Trace(2, [m.TraceOp(
                 "aten::neg.default", _template([msgspec.msgpack.Ext(m.ExtCode.TENSOR, m.HANDLE.pack(1))]), [0])], 1),
-            "a value used before it is made": m.Trace(2, [m.TraceOp("aten::neg.default", _template([_val(0)]), [0])], 1),
-            "slots out of order": m.Trace(2, [m.TraceOp("aten::add.Tensor", _template([_slot(1), _slot(0)]), [0])], 1),
-            "outputs out of order": m.Trace(2, [m.TraceOp("aten::neg.default", _template([_slot(0)]), [3])], 4),
-            "a wrong value count": m.Trace(2, [m.TraceOp("aten::neg.default", _template([_slot(0)]), [0])], 7),
-            "a scalar where a dtype goes": m.Trace(2, [m.TraceOp(
-                "aten::to.dtype", _template([_slot(0), _scalar(0, b"i")]), [0])], 1),
-            "a malformed template": m.Trace(2, [m.TraceOp("aten::neg.default", b"\xc1\xff", [0])], 1),
-            "an empty trace": m.Trace(2, [], 0),
-            "a bad id": m.Trace(0, [m.TraceOp("aten::neg.default", _template([_slot(0)]), [0])], 1),
+                "may not name a tensor handle"),
+            "a value used before it is made": (m.Trace(2, [m.TraceOp("aten::neg.default", _template([_val(0)]), [0])], 1),
+                                               "used before an op makes it"),
+            "slots out of order": (m.Trace(2, [m.TraceOp("aten::add.Tensor", _template([_slot(1), _slot(0)]), [0])], 1),
+                                   "slots are not numbered in order"),
+            "outputs out of order": (m.Trace(2, [m.TraceOp("aten::neg.default", _template([_slot(0)]), [3])], 4),
+                                     "outputs must number new values in order"),
+            "a wrong value count": (m.Trace(2, [m.TraceOp("aten::neg.default", _template([_slot(0)]), [0])], 7),
+                                    "makes 1 values, not 7"),
+            # Typed and string arguments are not checked again per replay: they must be constants.
+            "a scalar where a dtype goes": (m.Trace(2, [m.TraceOp(
+                "aten::_to_copy.default", _template([_slot(0)], {"dtype": _scalar(0, b"i")}), [0])], 1),
+                "argument 'dtype' of aten::_to_copy must be a dtype"),
+            "a scalar where a rounding mode goes": (m.Trace(2, [m.TraceOp(
+                "aten::div.Tensor_mode", _template([_slot(0), _slot(1)], {"rounding_mode": _scalar(0, b"i")}), [0])], 1),
+                "argument 'rounding_mode' of aten::div.Tensor_mode must be one of"),
+            "a slot where a device goes": (m.Trace(2, [m.TraceOp(
+                "aten::_to_copy.default", _template([_slot(0)], {"device": _slot(1)}), [0])], 1),
+                "argument 'device' of aten::_to_copy must be a device"),
+            "a malformed template": (m.Trace(2, [m.TraceOp("aten::neg.default", b"\xc1\xff", [0])], 1), "bad template"),
+            "an empty trace": (m.Trace(2, [], 0), "a trace has 1 to"),
+            "a bad id": (m.Trace(0, [m.TraceOp("aten::neg.default", _template([_slot(0)]), [0])], 1), "trace ids are"),
         }
-        for what, trace in refusals.items():
+        for what, (trace, reason) in refusals.items():
             why = _ask(c, trace)
-            assert why.startswith(f"trace {trace.trace} refused"), (what, why)
+            assert why.startswith(f"trace {trace.trace} refused") and reason in why, (what, why)
         # Replays that do not fit their trace are errors at the next sync, nothing runs.
         bad_replays = {
             "unknown trace": m.Replay(6, 9, 0, 1, base, [1], []),

@@ -28,7 +28,8 @@ UNSET: Any = object()
 class OpRecord:
     """One op overload's facts. `route`: how the dispatcher runs it (None: planned and queued)."""
 
-    __slots__ = ("func", "name", "restrided", "values_matter", "composite", "route", "replayable")
+    __slots__ = ("func", "name", "restrided", "values_matter", "composite", "route", "replayable",
+                 "fast")
 
     def __init__(self, func: torch._ops.OpOverload) -> None:
         self.func = func
@@ -39,6 +40,8 @@ class OpRecord:
         self.route: Callable[..., Any] | None = UNSET
         #: Whether step replay may stand in for it: its route ends in a planned, queued op.
         self.replayable = False
+        #: Whether `dispatch` may offer it to a running replay first (Note [Replay fast path]).
+        self.fast = False
 
     def __repr__(self) -> str:
         return f"<OpRecord {self.name}>"

@@ -142,7 +142,7 @@ def _match(leaves: tuple, xs: Any, base: int, session: Session, slots: list[int]
         return False
     for (kind, d), x in zip(leaves, xs):
         if kind == VALUE:
-            if not isinstance(x, RemoteTensor) or x._h.id != base + d:
+            if not isinstance(x, RemoteTensor) or x._h.id != base + d or x._h.session is not session:
                 return False
         elif kind == EXTERNAL:
             if not isinstance(x, RemoteTensor):
@@ -194,6 +194,14 @@ def _wire(leaf: tuple, counters: list[int]) -> Any:
 
 
 # ---- the replayer --------------------------------------------------------------------------------
+
+#: Note [Replay fast path]: the replayer that most recently started a replay, while it replays.
+#: `dispatch.dispatch` offers it each op first (`Replayer.try_next`), before finding the op's
+#: session and route: an op that is the trace's next one is then matched and answered at once.
+#: The match itself proves the op is this session's (every tensor is checked to be), and a miss
+#: changes nothing, so an op of another session, or one that differs, takes the ordinary path,
+#: which calls its own session's `Replayer.step`.
+active: Replayer | None = None
 
 START, RECORDING, REPLAYING, IDLE = range(4)
 #: What `Replayer.step` returns for an op it does not replay.
@@ -267,6 +275,24 @@ class Replayer:
                 op = found
             return self._emit_op(op, args, kwargs)
 
+    def try_next(self, rec: OpRecord, args: tuple, kwargs: dict) -> Any:
+        """Note [Replay fast path]: the op's outputs if it is the replay's next op; otherwise
+        `MISS`, with nothing changed (the ordinary path then decides)."""
+        with self.lock:
+            if self.state != REPLAYING:
+                return MISS
+            trace = self.trace
+            assert trace is not None
+            op = trace.ops[self.pos]
+            if op.rec is not rec:
+                return MISS
+            slots, scalars = self.slots, self.scalars
+            n_slots, n_scalars = len(slots), len(scalars)
+            if not self._fits(op, args, kwargs):
+                del slots[n_slots:], scalars[n_scalars:]
+                return MISS
+            return self._emit_op(op, args, kwargs)
+
     def _fits(self, op: TraceOp, args: tuple, kwargs: dict) -> bool:
         base, session, slots, scalars = self.base, self.session, self.slots, self.scalars
         if not _match(op.args, args, base, session, slots, scalars):
@@ -294,6 +320,8 @@ class Replayer:
                 self.chunk_t0 = time.perf_counter()
                 trace.used = self.chunk_t0
                 self.conn.replay_pending = True
+                global active
+                active = self
                 return True
         return False
 
@@ -372,9 +400,12 @@ class Replayer:
         self.chunk_t0 = time.perf_counter()
 
     def _end_replay(self) -> None:
+        global active
         self.trace = None
         self.state = START
         self.conn.replay_pending = False
+        if active is self:
+            active = None
 
     def _mismatch(self) -> None:
         """Note [Replay is exact]: send what matched, record the segment from its prefix on."""

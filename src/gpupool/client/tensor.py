@@ -99,9 +99,7 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
-        from gpupool.client.dispatch import dispatch
-
-        return dispatch(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs or _NO_KWARGS)
 
     # ---- host-side conveniences that would otherwise read elements directly ------------------
 
@@ -159,3 +157,15 @@ class RemoteTensor(torch.Tensor):
         from gpupool.client.serialization import reduce_remote
 
         return reduce_remote(self, proto)
+
+
+_NO_KWARGS: dict[str, Any] = {}
+
+
+def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The first op imports the dispatcher (it imports this module) and takes its place."""
+    global _dispatch
+    from gpupool.client.dispatch import dispatch
+
+    _dispatch = dispatch
+    return dispatch(func, args, kwargs)

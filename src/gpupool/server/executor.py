@@ -36,15 +36,7 @@ from gpupool.protocol.framing import FrameReader, FrameWriter
 from gpupool.server.memory import Budget
 from gpupool.server.oppolicy import TYPED_KINDS, OpDenied, OpPolicy, OpSpec, out_growth
 from gpupool.server.sanitisers import Bound, SanitiserRefused
-from gpupool.server.traces import (
-    MAX_SESSION_TRACE_OPS,
-    MAX_TRACES,
-    CompiledTrace,
-    TraceRefused,
-    compile_trace,
-    fill,
-    template_ext_hook,
-)
+from gpupool.server.traces import ReplayRefused, SessionTraces, template_ext_hook
 from gpupool.torchcodec import DTYPE_TO_NAME, DTYPES, LAYOUTS, MEMORY_FORMATS, host_bytes
 from gpupool.units import format_bytes
 
@@ -132,8 +124,8 @@ class Executor:
         self.ran = record  # if given: where the canonical names of the ops that ran are added
         self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
         self.encoder = m.make_encoder(enc_hook=self._enc_hook)
-        self.traces: dict[int, CompiledTrace] = {}
-        self._template_decoder = m.make_decoder(tuple[list[Any], dict[str, Any]], ext_hook=template_ext_hook(self._ext_hook))
+        template = m.make_decoder(tuple[list[Any], dict[str, Any]], ext_hook=template_ext_hook(self._ext_hook))
+        self.traces = SessionTraces(self._spec, template.decode, self._check_args, Ref, OpFailed)
 
     @property
     def memory_limit(self) -> int:
@@ -255,6 +247,8 @@ class Executor:
         text = str(exc)
         if isinstance(exc, OpFailed):
             kind, msg = exc.kind, text
+        elif isinstance(exc, ReplayRefused):
+            kind, msg = "protocol", text
         elif isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text:
             found = _ALLOC_BYTES.search(text)
             kind, msg = "oom", str(self._oom(int(found.group(1)) if found else None))
@@ -291,12 +285,16 @@ class Executor:
             if (args[i] if i < len(args) else kwargs.get(name)) is not None:
                 raise OpFailed("op", "explicit generators are not supported; use torch.manual_seed")
 
-    def run_op(self, cmd: m.Op) -> tuple[list[torch.Tensor], list[Any]]:
-        """Run one op under Note [Checks around an op]; a failed op stores nothing."""
+    def run_op(self, cmd: m.Op, checked: bool = False) -> tuple[list[torch.Tensor], list[Any]]:
+        """Run one op under Note [Checks around an op]; a failed op stores nothing.
+
+        `checked`: its typed and string arguments were checked already (a replayed op: they are
+        constants of its trace, checked when it was registered, Note [Trace templates])."""
         spec = self._specs.get(cmd.op) or self._spec(cmd.op)
-        args = self._resolve(cmd.args)
-        kwargs = {k: self._resolve(v) for k, v in cmd.kwargs.items()}
-        if spec.checked:
+        get = self._get
+        args = [get(x.handle) if type(x) is Ref else self._resolve(x) for x in cmd.args]
+        kwargs = {k: self._resolve(v) for k, v in cmd.kwargs.items()} if cmd.kwargs else {}
+        if spec.checked and not checked:
             self._check_args(spec, args, kwargs)
         fixup = None
         if spec.sanitise is not None:
@@ -329,10 +327,11 @@ class Executor:
         # Note: only results stored under a new handle are checked: one the client marks -1 is
         # an input the op wrote (checked by `_refresh`), or, from a lying client, dropped now.
         dev = self.device
+        on_cpu = not self.is_cuda
         for h, t in zip(cmd.outs, tensors):
             # The common result (strided, a named dtype, on the device, not a view) costs no call.
             if h >= 0 and (t.layout is not _STRIDED or t.is_nested or t.dtype not in DTYPE_TO_NAME
-                           or t.device != dev or spec.views):
+                           or spec.views or (not t.is_cpu if on_cpu else t.device != dev)):
                 self._check_result(spec, t)
         stored = []
         for h, t in zip(cmd.outs, tensors):
@@ -529,17 +528,17 @@ class Executor:
                 writer.send(encoded)
         elif t is m.Replay:
             assert isinstance(cmd, m.Replay)
-            self.replay(cmd)
+            self.traces.replay(cmd, self)
         elif t is m.Free:
             assert isinstance(cmd, m.Free)
             for h in cmd.handles:
                 self._free(h)
         elif t is m.Trace:
             assert isinstance(cmd, m.Trace)
-            writer.send(self.encoder.encode(m.Value(value=self.register(cmd))))
+            writer.send(self.encoder.encode(m.Value(value=self.traces.register(cmd))))
         elif t is m.Forget:
             assert isinstance(cmd, m.Forget)
-            self.traces.pop(cmd.trace, None)
+            self.traces.forget(cmd.trace)
         elif t is m.Upload:
             assert isinstance(cmd, m.Upload)
             try:
@@ -595,78 +594,6 @@ class Executor:
         elif t is m.Bye:
             return True
         return False
-
-    # ---- step replay (Note [Trace templates] in traces.py) -------------------------------------
-
-    def register(self, cmd: m.Trace) -> str:
-        """Check and keep a trace; "" when accepted, else why not (nothing else changes)."""
-        try:
-            if not 0 < cmd.trace < 1 << 32:
-                raise TraceRefused("trace ids are 1 to 2**32 - 1")
-            old = self.traces.pop(cmd.trace, None)
-            total = sum(len(t.ops) for t in self.traces.values()) + len(cmd.ops)
-            if len(self.traces) >= MAX_TRACES or total > MAX_SESSION_TRACE_OPS:
-                if old is not None:
-                    self.traces[cmd.trace] = old
-                raise TraceRefused(f"a session keeps at most {MAX_TRACES} traces of {MAX_SESSION_TRACE_OPS} ops in all")
-            self.traces[cmd.trace] = compile_trace(
-                cmd, self._spec, lambda b: self._template_decoder.decode(b), self._check_args
-            )
-            return ""
-        except (TraceRefused, OpFailed) as e:
-            return f"trace {cmd.trace} refused: {e}"[:4000]
-
-    def replay(self, cmd: m.Replay) -> None:
-        """Run ops `start:stop` of a trace, each as `run_op` runs an ordinary op."""
-        trace = self.traces.get(cmd.trace)
-        try:
-            if trace is None:
-                raise OpFailed("protocol", f"replay of trace {cmd.trace}, which this session has not registered")
-            self._check_replay(cmd, trace)
-        except OpFailed as e:
-            self._record(cmd.seq, "replay", e)
-            return
-        frees = {f.at: f.handles for f in cmd.frees}
-        slot0, scalar0 = trace.slot_at[cmd.start], trace.scalar_at[cmd.start]
-        base, slots, scalars = cmd.base, cmd.slots, cmd.scalars
-        for i in range(cmd.start, cmd.stop):
-            dead = frees.get(i)
-            if dead:
-                for h in dead:
-                    self._free(h)
-            op = trace.ops[i]
-            outs = [base + v if v >= 0 else -1 for v in op.outs]
-            if op.dynamic:
-                args = fill(op.args, base, slots, slot0, scalars, scalar0, Ref)
-                kwargs = {k: fill(v, base, slots, slot0, scalars, scalar0, Ref) for k, v in op.kwargs.items()}
-            else:
-                args, kwargs = op.args, op.kwargs
-            one = m.Op(cmd.seq, op.name, args, kwargs, outs)
-            try:
-                self.run_op(one)
-            except Exception as e:  # noqa: BLE001 - deferred to the next sync, as for an op
-                self._free_outs(one)
-                self._record(cmd.seq, op.name, e)
-
-    @staticmethod
-    def _check_replay(cmd: m.Replay, trace: CompiledTrace) -> None:
-        if not 0 <= cmd.start < cmd.stop <= len(trace.ops):
-            raise OpFailed("protocol", f"replay of ops {cmd.start}:{cmd.stop} of a trace of {len(trace.ops)}")
-        if not 0 <= cmd.base < (1 << 63) - trace.values:
-            raise OpFailed("protocol", "replay handle base out of range")
-        if len(cmd.slots) != trace.slot_at[cmd.stop] - trace.slot_at[cmd.start]:
-            raise OpFailed("protocol", "replay with the wrong number of slots")
-        n = trace.scalar_at[cmd.stop] - trace.scalar_at[cmd.start]
-        if len(cmd.scalars) != n:
-            raise OpFailed("protocol", "replay with the wrong number of scalars")
-        types = trace.scalar_types
-        s0 = trace.scalar_at[cmd.start]
-        for j, v in enumerate(cmd.scalars):
-            if type(v) is not types[s0 + j]:
-                raise OpFailed("protocol", f"replay scalar {j} is a {type(v).__name__}, not a {types[s0 + j].__name__}")
-        for f in cmd.frees:
-            if not cmd.start <= f.at < cmd.stop:
-                raise OpFailed("protocol", "replay frees outside its ops")
 
     def _free_outs(self, cmd: m.Op) -> None:
         """Note: a failed op, or one whose result cannot be described, leaves no handle."""

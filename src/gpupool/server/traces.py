@@ -9,13 +9,15 @@ an op] in executor.py); value references must name values made by earlier ops, s
 scalars must be numbered in order, and outputs must number new values in order. A replay then
 fills the references in and runs each op through the same `Executor.run_op` as an ordinary op,
 with every per-run check (sanitisers, estimates, the budget, result checks): a replay can do
-nothing an equivalent stream of ops could not.
+nothing an equivalent stream of ops could not. Only the typed and string argument checks are
+not repeated: such arguments (dtypes, devices, layouts, strings) can only be constants of the
+template (references are tensors and numbers), checked when the trace arrived.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -31,6 +33,10 @@ _SCALAR_TYPES: dict[bytes, type] = {b"f": float, b"i": int, b"c": complex}
 
 class TraceRefused(Exception):
     """The trace cannot be registered; the message says why."""
+
+
+class ReplayRefused(Exception):
+    """A replay that does not fit its trace (a protocol error of the client's)."""
 
 
 class Val:
@@ -181,3 +187,101 @@ def fill(x: Any, base: int, slots: list[int], slot0: int, scalars: list[Any], sc
     if t is list:
         return [fill(v, base, slots, slot0, scalars, scalar0, ref) for v in x]
     return x
+
+
+class Runner(Protocol):
+    """What a replay needs of its session's executor (`Executor`)."""
+
+    def run_op(self, cmd: m.Op, checked: bool = False) -> Any: ...
+    def _free(self, handle: int) -> None: ...
+    def _free_outs(self, cmd: m.Op) -> None: ...
+    def _record(self, seq: int, op: str, exc: BaseException) -> None: ...
+
+
+class SessionTraces:
+    """A session's registered traces, and their replays on its executor."""
+
+    def __init__(self, spec_of: Callable[[str], OpSpec], decode: Callable[[bytes], Any],
+                 check_args: Callable[[OpSpec, list[Any], dict[str, Any]], None], ref: type,
+                 refusal: type[Exception]) -> None:
+        self._traces: dict[int, CompiledTrace] = {}
+        self._refusals = (TraceRefused, refusal)  # refusal: the policy's (`executor.OpFailed`)
+        self._spec_of = spec_of
+        self._decode = decode
+        self._check_args = check_args
+        self._ref = ref  # the executor's tensor-argument type (`executor.Ref`)
+
+    def __len__(self) -> int:
+        return len(self._traces)
+
+    def register(self, cmd: m.Trace) -> str:
+        """Check and keep a trace; "" when accepted, else why not (nothing else changes)."""
+        try:
+            if not 0 < cmd.trace < 1 << 32:
+                raise TraceRefused("trace ids are 1 to 2**32 - 1")
+            traces = self._traces
+            old = traces.pop(cmd.trace, None)
+            total = sum(len(t.ops) for t in traces.values()) + len(cmd.ops)
+            if len(traces) >= MAX_TRACES or total > MAX_SESSION_TRACE_OPS:
+                if old is not None:
+                    traces[cmd.trace] = old
+                raise TraceRefused(f"a session keeps at most {MAX_TRACES} traces of {MAX_SESSION_TRACE_OPS} ops in all")
+            traces[cmd.trace] = compile_trace(cmd, self._spec_of, self._decode, self._check_args)
+            return ""
+        except self._refusals as e:
+            return f"trace {cmd.trace} refused: {e}"[:4000]
+
+    def forget(self, trace: int) -> None:
+        self._traces.pop(trace, None)
+
+    def replay(self, cmd: m.Replay, ex: Runner) -> None:
+        """Run ops `start:stop` of a trace, each as `run_op` runs an ordinary op."""
+        trace = self._traces.get(cmd.trace)
+        try:
+            if trace is None:
+                raise ReplayRefused(f"replay of trace {cmd.trace}, which this session has not registered")
+            _check_replay(cmd, trace)
+        except ReplayRefused as e:
+            ex._record(cmd.seq, "replay", e)
+            return
+        frees = {f.at: f.handles for f in cmd.frees}
+        slot0, scalar0 = trace.slot_at[cmd.start], trace.scalar_at[cmd.start]
+        base, slots, scalars, ref = cmd.base, cmd.slots, cmd.scalars, self._ref
+        for i in range(cmd.start, cmd.stop):
+            dead = frees.get(i)
+            if dead:
+                for h in dead:
+                    ex._free(h)
+            op = trace.ops[i]
+            outs = [base + v if v >= 0 else -1 for v in op.outs]
+            if op.dynamic:
+                args = fill(op.args, base, slots, slot0, scalars, scalar0, ref)
+                kwargs = {k: fill(v, base, slots, slot0, scalars, scalar0, ref) for k, v in op.kwargs.items()}
+            else:
+                args, kwargs = op.args, op.kwargs
+            one = m.Op(cmd.seq, op.name, args, kwargs, outs)
+            try:
+                ex.run_op(one, checked=True)
+            except Exception as e:  # noqa: BLE001 - deferred to the next sync, as for an op
+                ex._free_outs(one)
+                ex._record(cmd.seq, op.name, e)
+
+
+def _check_replay(cmd: m.Replay, trace: CompiledTrace) -> None:
+    if not 0 <= cmd.start < cmd.stop <= len(trace.ops):
+        raise ReplayRefused(f"replay of ops {cmd.start}:{cmd.stop} of a trace of {len(trace.ops)}")
+    if not 0 <= cmd.base < (1 << 63) - trace.values:
+        raise ReplayRefused("replay handle base out of range")
+    if len(cmd.slots) != trace.slot_at[cmd.stop] - trace.slot_at[cmd.start]:
+        raise ReplayRefused("replay with the wrong number of slots")
+    n = trace.scalar_at[cmd.stop] - trace.scalar_at[cmd.start]
+    if len(cmd.scalars) != n:
+        raise ReplayRefused("replay with the wrong number of scalars")
+    types = trace.scalar_types
+    s0 = trace.scalar_at[cmd.start]
+    for j, v in enumerate(cmd.scalars):
+        if type(v) is not types[s0 + j]:
+            raise ReplayRefused(f"replay scalar {j} is a {type(v).__name__}, not a {types[s0 + j].__name__}")
+    for f in cmd.frees:
+        if not cmd.start <= f.at < cmd.stop:
+            raise ReplayRefused("replay frees outside its ops")
