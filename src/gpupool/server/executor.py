@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import torch
 
+from gpupool import wholeops
 from gpupool.errors import ProtocolError, ServerLost
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter
@@ -86,6 +87,8 @@ def _tolerated_elsewhere(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.untyped_storage().nbytes() <= SMALL_HOST_BYTES
 
 
+_RNN = torch.ops.gpupool.rnn.default
+_RNN_CELL = torch.ops.gpupool.rnn_cell.default
 _ALLOC_BYTES = re.compile(r"allocate (\d+) bytes")
 _STRIDED = torch.strided
 _NONE: list[Any] = []  # never appended to: the written tensors of an op that writes none
@@ -125,6 +128,7 @@ class Executor:
         self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
         self.encoder = m.make_encoder(enc_hook=self._enc_hook)
         template = m.make_decoder(tuple[list[Any], dict[str, Any]], ext_hook=template_ext_hook(self._ext_hook))
+        self._saved: dict[int, int] = {}  # context handle -> saved tensors counted (`_count_saved`)
         self.traces = SessionTraces(self._spec, template.decode, self._check_args, Ref, OpFailed)
 
     @property
@@ -202,6 +206,8 @@ class Executor:
     def _store(self, handle: int, t: torch.Tensor) -> None:
         if handle in self.table and not self.is_cuda:
             self.ledger.remove(self._key | handle)
+            if self._saved:
+                self._uncount_saved(handle)
         self.table[handle] = t
         if not self.is_cuda:
             self.ledger.add(self._key | handle, t)
@@ -209,6 +215,28 @@ class Executor:
     def _free(self, handle: int) -> None:
         if self.table.pop(handle, None) is not None and not self.is_cuda:
             self.ledger.remove(self._key | handle)
+            if self._saved:
+                self._uncount_saved(handle)
+
+    def _count_saved(self, handle: int, ctx: torch.Tensor) -> None:
+        """Count what the autograd graph behind a `gpupool::rnn` context keeps (Note [Whole
+        RNNs] in wholeops.py) as long as the context's handle; the ledger counts each storage
+        once, so saved inputs and outputs that handles hold already cost nothing more."""
+        if self.is_cuda:
+            return  # the caching allocator counts them
+        saved = wholeops.saved_tensors(ctx)
+        for i, t in enumerate(saved):
+            self.ledger.add(self._saved_key(handle, i), t)
+        if saved:
+            self._saved[handle] = len(saved)
+
+    def _uncount_saved(self, handle: int) -> None:
+        for i in range(self._saved.pop(handle, 0)):
+            self.ledger.remove(self._saved_key(handle, i))
+
+    def _saved_key(self, handle: int, i: int) -> int:
+        # Negative: apart from every handle's key (`self._key | handle`, never negative).
+        return -(((self._key | handle) << 32) | (i + 1))
 
     def close(self) -> None:
         """Drop every tensor of this session (its lease's other sessions keep theirs)."""
@@ -338,6 +366,8 @@ class Executor:
             if h >= 0:
                 self._store(h, t)
                 stored.append(h)
+        if (spec.fn is _RNN or spec.fn is _RNN_CELL) and stored and cmd.outs[-1] >= 0:
+            self._count_saved(cmd.outs[-1], tensors[-1])
         if (self.budget.used() if self.is_cuda else self.ledger.used) > self.budget.limit:
             for h in stored:
                 self._free(h)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gpupool import wholeops  # noqa: F401 - defines the gpupool:: ops that specs resolve
 from gpupool.protocol.ops import Allowlist, check_op_name, load, syntax_error
 from gpupool.server import sanitisers
 from gpupool.server.estimates import ESTIMATORS, Estimator
