@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 #: `kind` of `gpupool::rnn`: the aten op it runs.
 KINDS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -145,19 +144,26 @@ class _Graph:
         self.saved = saved
 
 
-#: A context tensor's autograd graph (the server's side of Note [Whole RNNs]).
-_GRAPHS: Any = WeakIdKeyDictionary()
+#: The attribute of a context tensor's Python object that holds its graph (the server's side of
+#: Note [Whole RNNs]): the graph lives exactly as long as the tensor object, which only the
+#: session's handle table holds; a client cannot set attributes, and any other tensor has none.
+_GRAPH = "_gpupool_rnn_graph"
+
+
+def _graph_of(ctx: torch.Tensor) -> _Graph | None:
+    g = getattr(ctx, _GRAPH, None)
+    return g if type(g) is _Graph else None
 
 
 def saved_tensors(ctx: torch.Tensor) -> list[torch.Tensor]:
     """What the graph behind a context tensor keeps alive ([] for any other tensor)."""
-    g = _GRAPHS.get(ctx)
+    g = _graph_of(ctx)
     return [] if g is None else g.saved
 
 
 def _with_graph(tensors: list[torch.Tensor | None], need_grad: list[bool], run: Any) -> tuple[tuple, torch.Tensor]:
     """`run(leaves)` with autograd on for the tensors that need gradients; its results, and the
-    context tensor that keeps its graph (`_GRAPHS`)."""
+    context tensor that keeps its graph (`_GRAPH`)."""
     if len(need_grad) != len(tensors):
         raise ValueError(f"need_grad has {len(need_grad)} flags for {len(tensors)} tensors")
     leaves = [None if t is None else t.detach().requires_grad_(n and t.dtype.is_floating_point)
@@ -178,7 +184,7 @@ def _with_graph(tensors: list[torch.Tensor | None], need_grad: list[bool], run: 
     first = next(t for t in tensors if t is not None)
     ctx = torch.empty(0, dtype=torch.uint8, device=first.device)
     if grad:
-        _GRAPHS[ctx] = _Graph(list(res), inputs, saved)
+        setattr(ctx, _GRAPH, _Graph(list(res), inputs, saved))
     # Contiguous, as the client planned them (the meta kernels): fused kernels' own layouts differ.
     return tuple(r.detach().contiguous() for r in res), ctx
 
@@ -224,7 +230,7 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rnn_backward(ctx: torch.Tensor, grads: list[torch.Tensor | None], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    g = _GRAPHS.get(ctx)
+    g = _graph_of(ctx)
     if g is None:
         raise ValueError("gpupool::rnn_backward takes the context of a gpupool::rnn that recorded gradients")
     if len(grads) != len(g.outputs) or len(inputs) != len(g.inputs):

@@ -167,6 +167,9 @@ def compile_trace(cmd: m.Trace, spec_of: Callable[[str], OpSpec], decode: Callab
                 values += 1
             elif o != -1:
                 raise TraceRefused(f"op {i}: outputs must number new values in order")
+        if walk.refs:
+            args = [_compiled(a) for a in args]
+            kwargs = {k: _compiled(v) for k, v in kwargs.items()}
         ops.append(TraceOpRun(spec.name, spec, args, kwargs, list(op.outs), walk.refs > 0))
         slot_at.append(walk.slots)
         scalar_at.append(len(scalar_types))
@@ -175,8 +178,24 @@ def compile_trace(cmd: m.Trace, spec_of: Callable[[str], OpSpec], decode: Callab
     return CompiledTrace(ops, values, slot_at, scalar_at, scalar_types)
 
 
+class RefList(list):
+    """A template list that holds references (a plain `list` in a compiled template holds none,
+    and is passed as it is)."""
+
+
+def _compiled(x: Any) -> Any:
+    """`x` with every list that holds references marked (`RefList`), so that `fill` passes the
+    others (sizes, dims, ...) without a look at each element."""
+    if type(x) is list:
+        items = [_compiled(v) for v in x]
+        if any(type(v) in _REFS for v in items):
+            return RefList(items)
+        return items
+    return x
+
+
 def fill(x: Any, base: int, slots: list[int], slot0: int, scalars: list[Any], scalar0: int, ref: type) -> Any:
-    """A template value with its references filled in (tensors as `ref(handle)`)."""
+    """A compiled template value with its references filled in (tensors as `ref(handle)`)."""
     t = type(x)
     if t is Val:
         return ref(base + x.n)
@@ -184,9 +203,12 @@ def fill(x: Any, base: int, slots: list[int], slot0: int, scalars: list[Any], sc
         return ref(slots[x.n - slot0])
     if t is Scalar:
         return scalars[x.n - scalar0]
-    if t is list:
+    if t is RefList:
         return [fill(v, base, slots, slot0, scalars, scalar0, ref) for v in x]
     return x
+
+
+_REFS = (Val, Slot, Scalar, RefList)
 
 
 class Runner(Protocol):
@@ -255,7 +277,7 @@ class SessionTraces:
             op = trace.ops[i]
             outs = [base + v if v >= 0 else -1 for v in op.outs]
             if op.dynamic:
-                args = fill(op.args, base, slots, slot0, scalars, scalar0, ref)
+                args = [fill(a, base, slots, slot0, scalars, scalar0, ref) for a in op.args]
                 kwargs = {k: fill(v, base, slots, slot0, scalars, scalar0, ref) for k, v in op.kwargs.items()}
             else:
                 args, kwargs = op.args, op.kwargs
