@@ -192,6 +192,8 @@ def run_spec(fleet: Fleet, spec: Spec, mode: str, reps: int, tiny: bool, deadlin
                 reply = w.call(limit(), op="run")
                 s1 = fleet.server_cpu() if w is remote else None
                 row["samples"]["value" if w is remote else "baseline"].append(float(reply["value"]))
+                if w is remote and reply.get("info"):
+                    info_r.update(reply["info"])  # what the runs learned (ops replayed)
                 if reply.get("cpu") is not None:
                     cpu["gpupool_client" if w is remote else "baseline"].append(reply["cpu"])
                     if s0 is not None and s1 is not None:
@@ -238,6 +240,8 @@ def _facts(info_r: dict[str, Any], info_l: dict[str, Any], cpu: dict[str, Any] |
         n_ops = info_r.get("ops_per_step")
         if c is not None and n_ops and unit == "ms/step":
             out.append(f"client {c * 1e3 / n_ops:.3g} µs/op ({n_ops} aten ops/step on gpupool)")
+        if "replayed_ops_per_step" in info_r:
+            out.append(f"{info_r['replayed_ops_per_step']} server ops/step replayed")
     if "params" in info_r:
         n = info_r["params"]
         out.append(f"{n / 1e6:.1f}M params" if n >= 1e6 else f"{n / 1e3:.1f}k params")

@@ -187,11 +187,18 @@ def setup(side: Side, cfg: dict[str, Any]) -> Measure:
     del out
     steps = int(cfg.get("steps", 5))
 
+    def replayed() -> int:
+        return int(side.session.replay_stats()["ops_replayed"]) if side.session is not None else 0
+
     def run() -> float:
+        before = replayed()
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         side.sync()
-        return (time.perf_counter() - t0) / steps * 1e3
+        dt = (time.perf_counter() - t0) / steps * 1e3
+        if side.session is not None:
+            info["replayed_ops_per_step"] = round((replayed() - before) / steps)
+        return dt
 
     return Measure(run, info, cpu_scale=1e3 / steps)

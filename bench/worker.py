@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 c0 = time.process_time()  # all threads: backward runs on the autograd device thread
                 value = measure.run()
                 cpu = (time.process_time() - c0) * measure.cpu_scale if measure.cpu_scale else None
-                send_reply(out, {"value": value, "cpu": cpu, "cpu_scale": measure.cpu_scale})
+                send_reply(out, {"value": value, "cpu": cpu, "cpu_scale": measure.cpu_scale, "info": measure.info})
             elif op == "teardown":
                 if measure is not None:
                     measure.close()
