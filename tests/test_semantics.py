@@ -202,8 +202,9 @@ def test_bad_generator_state_is_a_clear_error_and_the_session_goes_on(session) -
 
 
 def test_lstm_and_gru_train_on_the_device(session) -> None:
-    """PyTorch takes CUDA's fused-cell path for the device; it must work on any server, forward
-    and backward, and agree with the CPU to rounding."""
+    """The layers run whole on the server (tests/test_whole_rnn.py); with that off
+    (GPUPOOL_WHOLE_RNN=0) PyTorch takes CUDA's fused-cell path, which client/rnn.py decomposes.
+    Either way they must work on any server, forward and backward, and agree with the CPU."""
     for cls in (nn.LSTM, nn.GRU):
         torch.manual_seed(0)
         cpu = cls(8, 16, num_layers=2, batch_first=True)

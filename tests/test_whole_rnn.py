@@ -209,3 +209,52 @@ def test_what_an_rnn_keeps_for_backward_counts_against_the_share(srv, healthy, v
     assert victim.memory_stats().memory_used <= base + sum(p.numel() * 4 for p in lstm.parameters()) + x.numel() * 4
     bad._still_works(victim)
     assert_healthy(srv, healthy)
+
+
+def test_packed_sequences_still_run_their_cells(session) -> None:
+    """`lstm.data` (a PackedSequence) is not sent whole: its cells run as ops (client/rnn.py)."""
+    torch.manual_seed(0)
+    cpu = nn.LSTM(4, 8)
+    dev = copy.deepcopy(cpu).to(session.device)
+    x = torch.randn(5, 3, 4)
+    lengths = [5, 3, 2]
+    out_c, _ = cpu(nn.utils.rnn.pack_padded_sequence(x, lengths))
+    # Packed on the host, then moved (`_pack_padded_sequence` itself is not on the allowlist).
+    out_d, _ = dev(nn.utils.rnn.pack_padded_sequence(x, lengths).to(session.device))
+    torch.testing.assert_close(out_d.data.cpu(), out_c.data, rtol=1e-5, atol=1e-6)
+    out_c.data.sum().backward()
+    out_d.data.sum().backward()
+    for (name, pc), pd in zip(cpu.named_parameters(), dev.parameters()):
+        torch.testing.assert_close(pd.grad.cpu(), pc.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_whole_rnn_off_decomposes_and_still_trains(server) -> None:
+    """GPUPOOL_WHOLE_RNN=0: the layer runs cell by cell (many ops), with the CPU's results."""
+    from tests.conftest import run_python
+
+    code = """
+import copy, sys, torch, gpupool
+from torch import nn
+s = gpupool.connect(sys.argv[1], token=sys.argv[2])
+torch.manual_seed(0)
+cpu = nn.GRU(4, 8, num_layers=2)
+dev = copy.deepcopy(cpu).to(s.device)
+from torch.utils._python_dispatch import TorchDispatchMode
+names = []
+class Ops(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        names.append(str(func))
+        return func(*args, **(kwargs or {}))
+x = torch.randn(6, 2, 4)
+cpu(x)[0].pow(2).sum().backward()
+xd = x.to(s.device)
+with Ops():
+    dev(xd)[0].pow(2).sum().backward()
+worst = max((pd.grad.cpu() - pc.grad).abs().max().item() for pc, pd in zip(cpu.parameters(), dev.parameters()))
+print(sum("gpupool" in n for n in names), len(names), worst)
+"""
+    done = run_python(code, args=[server.address, server.token], env={"GPUPOOL_WHOLE_RNN": "0"})
+    assert done.returncode == 0, done.stderr
+    whole, ops, worst = done.stdout.split()[-3:]
+    assert int(whole) == 0 and int(ops) > 100, done.stdout  # cell by cell
+    assert float(worst) < 1e-5

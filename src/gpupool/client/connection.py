@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -187,7 +188,9 @@ class Connection:
         self.frees: list[int] = []
         self._handles = itertools.count(1)
         self._seq = itertools.count(1)
-        self._where: dict[int, tuple[str, tuple[str, int] | None]] = {}
+        #: seq -> (op name, where the user issued it; for a replay chunk, a function of the
+        #: failed op's position in its trace, see `queue_raw`)
+        self._where: dict[int, tuple[str, Any]] = {}
         self.closed = False
         self._fork_generation = _fork_generation
         self.lost: str | None = None
@@ -379,9 +382,11 @@ class Connection:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def queue_raw(self, raw: msgspec.Raw, seq: int, name: str) -> None:
+    def queue_raw(self, raw: msgspec.Raw, seq: int, name: str,
+                  where: Callable[[int], tuple[str, int] | None] | None = None) -> None:
         """Queue an encoded command (a replay chunk) under the lock the caller holds; `seq`, when
-        nonzero, names it in errors.
+        nonzero, names it in errors, and `where(at)` the user's line of its op at trace
+        position `at` (the server says which op failed).
 
         Note: frees collected so far go *after* it, unlike before other commands (Note
         [Ordering]): the replayer hands the frees that precede each matched op to the chunk
@@ -390,7 +395,7 @@ class Connection:
         """
         self._check_open()
         if seq:
-            self._where[seq] = (name, None)
+            self._where[seq] = (name, where)
         if not self._cmds:
             self._queued_at = time.perf_counter()
         self._cmds.append(raw)
@@ -415,8 +420,10 @@ class Connection:
                 raise ProtocolError(f"expected the server's answer to a trace, got {type(reply).__name__}")
             return reply.value
 
-    def _error(self, err: m.ErrorInfo, where: dict[int, tuple[str, tuple[str, int] | None]]) -> RemoteOpError:
+    def _error(self, err: m.ErrorInfo, where: dict[int, tuple[str, Any]]) -> RemoteOpError:
         op, place = where.get(err.seq, (err.op, None))
+        if callable(place):  # a replay chunk: the line that issued the failed op
+            place = place(err.at)
         if place is None and err.op:
             op = err.op  # a replayed op: the server names which one
         loc = f"{place[0]}:{place[1]}" if place else ""

@@ -44,6 +44,7 @@ import msgspec
 import torch
 
 from gpupool.client import meta
+from gpupool.client.connection import _user_location
 from gpupool.client.oprecord import OpRecord
 from gpupool.client.tensor import Handle, RemoteTensor
 from gpupool.protocol import messages as m
@@ -84,7 +85,7 @@ class TraceOp:
     """One op of a recorded segment: how to check its next call and what it returns."""
 
     __slots__ = ("rec", "args", "kw_keys", "kwargs", "outs", "structure", "values_before",
-                 "slots_before", "scalars_before", "any_input_out", "key")
+                 "slots_before", "scalars_before", "any_input_out", "key", "where")
 
     def __init__(self, rec: OpRecord, args: tuple, kw_keys: tuple, kwargs: tuple, outs: tuple,
                  structure: Any, values_before: int, slots_before: int, scalars_before: int) -> None:
@@ -100,6 +101,9 @@ class TraceOp:
         self.scalars_before = scalars_before
         self.any_input_out = any(o[0] >= 0 for o in outs)
         self.key = (id(rec.func), args, kw_keys, kwargs, outs, structure)
+        #: The user's line that issued it when it was recorded: a replay's errors name it (a
+        #: loop issues a step's ops from the same lines every time).
+        self.where: tuple[str, int] | None = None
 
 
 class Trace:
@@ -113,6 +117,10 @@ class Trace:
         self.values = values
         self.key = key
         self.used = 0.0
+
+    def where(self, at: int) -> tuple[str, int] | None:
+        """The user's line of op `at` (as recorded), for an error the server reports there."""
+        return self.ops[at].where if 0 <= at < len(self.ops) else None
 
 
 # ---- templates ---------------------------------------------------------------------------------
@@ -393,7 +401,8 @@ class Replayer:
         if self.pos > self.chunk_start:
             seq = self.conn.next_seq()
             cmd = m.Replay(seq, trace.id, self.chunk_start, self.pos, self.base, self.slots, self.scalars, self.frees)
-            self.conn.queue_raw(msgspec.Raw(self._encoder.encode(cmd)), seq, trace.ops[self.chunk_start].rec.name)
+            self.conn.queue_raw(msgspec.Raw(self._encoder.encode(cmd)), seq, trace.ops[self.chunk_start].rec.name,
+                                trace.where)
             self.stats["ops_replayed"] += self.pos - self.chunk_start
         self.slots, self.scalars, self.frees = [], [], []
         self.chunk_start = self.pos
@@ -469,6 +478,7 @@ class Replayer:
                     self._values += 1
             n_slots, n_scalars = _counts_after_leaves(a + kw)
             op = TraceOp(rec, a, keys, kw, tuple(specs), plan.structure, v0, self._slots, self._scalars)
+            op.where = _user_location()
             self._slots += n_slots
             self._scalars += n_scalars
             self.ops.append(op)

@@ -237,6 +237,7 @@ class ErrorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     op: str
     kind: str  # "op", "oom", "handle", "unknown_op", "denied", "protocol"
     message: str
+    at: int = -1  # in a `Replay`: the failed op's position in its trace
 
 
 class TensorMeta(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):

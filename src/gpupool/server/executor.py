@@ -269,7 +269,7 @@ class Executor:
 
     # ---- commands ---------------------------------------------------------------------------
 
-    def _record(self, seq: int, op: str, exc: BaseException) -> None:
+    def _record(self, seq: int, op: str, exc: BaseException, at: int = -1) -> None:
         if self.error is not None:
             return
         text = str(exc)
@@ -282,7 +282,7 @@ class Executor:
             kind, msg = "oom", str(self._oom(int(found.group(1)) if found else None))
         else:
             kind, msg = "op", f"{type(exc).__name__}: {text}"
-        self.error = m.ErrorInfo(seq=seq, op=op, kind=kind, message=msg[:4000])
+        self.error = m.ErrorInfo(seq=seq, op=op, kind=kind, message=msg[:4000], at=at)
 
     def _take_error(self) -> m.ErrorInfo | None:
         e, self.error = self.error, None

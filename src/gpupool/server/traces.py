@@ -217,7 +217,7 @@ class Runner(Protocol):
     def run_op(self, cmd: m.Op, checked: bool = False) -> Any: ...
     def _free(self, handle: int) -> None: ...
     def _free_outs(self, cmd: m.Op) -> None: ...
-    def _record(self, seq: int, op: str, exc: BaseException) -> None: ...
+    def _record(self, seq: int, op: str, exc: BaseException, at: int = -1) -> None: ...
 
 
 class SessionTraces:
@@ -286,7 +286,7 @@ class SessionTraces:
                 ex.run_op(one, checked=True)
             except Exception as e:  # noqa: BLE001 - deferred to the next sync, as for an op
                 ex._free_outs(one)
-                ex._record(cmd.seq, op.name, e)
+                ex._record(cmd.seq, op.name, e, i)
 
 
 def _check_replay(cmd: m.Replay, trace: CompiledTrace) -> None:
