@@ -8,13 +8,14 @@ sends the layer whole (client/rnn.py): `gpupool::rnn` runs `torch.lstm`/`gru`/`r
 outputs and a context tensor; `gpupool::rnn_backward` takes the context and the outputs'
 gradients and returns the inputs' gradients. The server's autograd graph lives as long as the
 context tensor's handle. A cell (`nn.LSTMCell`, ...; `aten::lstm_cell` and its kin) goes the
-same way as `gpupool::rnn_cell`, with the same backward. The results are exactly what the same layer gives on the server's own
-device in eager mode (the same kernels run), so on a CPU-backed server they equal a local CPU run
-bit for bit.
+same way as `gpupool::rnn_cell`, with the same backward. The results are exactly what the same
+layer gives on the server's own device in eager mode (the same kernels run), so on a CPU-backed
+server they equal a local CPU run bit for bit.
 
-Safety: the arguments are checked here before any kernel sees them (`check_rnn`: shapes of every
-weight against the layer's sizes, one dtype and device, bounds on the sizes), the context is
-only ever an empty tensor that the server looks up by identity, and what the graph saves is
+Safety: the arguments are checked here before any kernel sees them (`check_rnn`, `check_cell`:
+the shape of every weight against the layer's sizes, one dtype and device, bounds on the sizes),
+the context is only ever an empty tensor whose graph hangs on its Python object (`_GRAPH`), so
+no other tensor can stand for one, and what the graph saves is
 counted against the share (`saved_tensors`, Note [One budget per lease] in server/memory.py).
 """
 

@@ -9,11 +9,12 @@ records those, so forward and backward both run on any server.
 Whole layers: `nn.LSTM`/`nn.GRU`/`nn.RNN` (`aten::lstm.input`, `gru.input`, `rnn_tanh.input`,
 `rnn_relu.input`) do not reach the cells at all: they go to the server whole, forward and backward
 one op each (Note [Whole RNNs] in gpupool/wholeops.py); so do the cells of `nn.LSTMCell` and its
-kin (`aten::lstm_cell`, ...). `GPUPOOL_WHOLE_RNN=0` turns that off (the
-layers then run their cells, as below). Packed sequences (`lstm.data`) still run their cells.
+kin (`aten::lstm_cell`, ...). `GPUPOOL_WHOLE_RNN=0` turns that off (the layers then run their
+cells, as below). Packed sequences (`lstm.data`) still run their cells.
 
-Note: the sums are ordered as in the fused kernels (gates, then biases), so results match a local
-CPU run to rounding, not bit for bit (the CPU path adds each bias inside its own linear).
+Note: in the cells below the sums are ordered as in the fused kernels (gates, then biases), so
+results match a local CPU run to rounding, not bit for bit (the CPU path adds each bias inside
+its own linear).
 """
 
 from __future__ import annotations
@@ -28,8 +29,26 @@ from gpupool import wholeops
 _lib: Any = None
 #: GPUPOOL_WHOLE_RNN=0: recurrent layers run their cells op by op (see the module's docstring).
 WHOLE = os.environ.get("GPUPOOL_WHOLE_RNN", "1") not in ("0", "false", "no", "off")
-#: `_WholeRNN.apply`'s arguments before the tensors.
-_FIXED = 8
+#: `_WholeRNN.apply`'s and `_WholeCell.apply`'s arguments before the tensors.
+_FIXED_RNN, _FIXED_CELL = 8, 2
+
+
+def _keep(ctx: Any, fixed: int, tensors: tuple, rctx: torch.Tensor) -> None:
+    """What the backward needs: the server's context, and the inputs that want gradients."""
+    ctx.set_materialize_grads(False)  # an unused output's gradient goes as None, not zeros
+    ctx.fixed = fixed
+    ctx.need = need = [bool(n) for n in ctx.needs_input_grad[fixed:]]
+    ctx.rctx = rctx if any(need) else None
+    if ctx.rctx is not None:
+        ctx.save_for_backward(*[t for t, n in zip(tensors, need) if n])
+
+
+def _backward(ctx: Any, grads: tuple) -> tuple:
+    head = (None,) * ctx.fixed
+    if ctx.rctx is None:
+        return head + (None,) * len(ctx.need)
+    found = iter(torch.ops.gpupool.rnn_backward(ctx.rctx, list(grads), list(ctx.saved_tensors)))
+    return head + tuple(next(found) if n else None for n in ctx.need)
 
 
 class _WholeRNN(torch.autograd.Function):
@@ -38,23 +57,15 @@ class _WholeRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, kind: int, nhx: int, has_biases: bool, num_layers: int, dropout: float, train: bool,
                 bidirectional: bool, batch_first: bool, input: torch.Tensor, *rest: torch.Tensor) -> Any:
-        need = [bool(n) for n in ctx.needs_input_grad[_FIXED:]]
+        need = [bool(n) for n in ctx.needs_input_grad[_FIXED_RNN:]]
         out, hs, rctx = torch.ops.gpupool.rnn(kind, input, list(rest[:nhx]), list(rest[nhx:]), has_biases,
                                               num_layers, dropout, train, bidirectional, batch_first, need)
-        ctx.set_materialize_grads(False)
-        ctx.need = need
-        ctx.rctx = rctx if any(need) else None
-        if ctx.rctx is not None:
-            ctx.save_for_backward(*[t for t, n in zip((input, *rest), need) if n])
+        _keep(ctx, _FIXED_RNN, (input, *rest), rctx)
         return (out, *hs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
-        head = (None,) * _FIXED
-        if ctx.rctx is None:
-            return head + (None,) * len(ctx.need)
-        found = iter(torch.ops.gpupool.rnn_backward(ctx.rctx, list(grads), list(ctx.saved_tensors)))
-        return head + tuple(next(found) if n else None for n in ctx.need)
+        return _backward(ctx, grads)
 
 
 class _WholeCell(torch.autograd.Function):
@@ -62,23 +73,15 @@ class _WholeCell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, kind: int, nhx: int, input: torch.Tensor, *rest: torch.Tensor | None) -> Any:
-        need = [bool(n) for n in ctx.needs_input_grad[2:]]
+        need = [bool(n) for n in ctx.needs_input_grad[_FIXED_CELL:]]
         hx, (w_ih, w_hh, b_ih, b_hh) = list(rest[:nhx]), rest[nhx:]
         hs, rctx = torch.ops.gpupool.rnn_cell(kind, input, hx, w_ih, w_hh, b_ih, b_hh, need)
-        ctx.set_materialize_grads(False)
-        ctx.need = need
-        ctx.rctx = rctx if any(need) else None
-        if ctx.rctx is not None:
-            ctx.save_for_backward(*[t for t, n in zip((input, *rest), need) if n])
+        _keep(ctx, _FIXED_CELL, (input, *rest), rctx)
         return tuple(hs) if len(hs) > 1 else hs[0]
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
-        head = (None, None)
-        if ctx.rctx is None:
-            return head + (None,) * len(ctx.need)
-        found = iter(torch.ops.gpupool.rnn_backward(ctx.rctx, list(grads), list(ctx.saved_tensors)))
-        return head + tuple(next(found) if n else None for n in ctx.need)
+        return _backward(ctx, grads)
 
 
 def _lstm_cell_whole(input: torch.Tensor, hx: list[torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
