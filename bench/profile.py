@@ -48,7 +48,7 @@ CLIENT_RULES: list[tuple[str, Callable[[str, str], bool]]] = [
 SERVER_RULES: list[tuple[str, Callable[[str, str], bool]]] = [
     ("receive (socket)", lambda f, n: "framing" in f and n in ("_recv_exact_into", "read_message", "read_buffer_into")),
     ("reply (encode + send)", lambda f, n: "framing" in f),
-    ("decode batch (msgspec, ext hook, GC it triggers)", lambda f, n: n in ("_ext_hook", "_decode_cpu_tensor", "_ext_payload_name") or n == "serve" and "executor" in f),
+    ("decode batch (msgspec, ext hook, GC it triggers)", lambda f, n: "torchcodec" in f or n == "serve" and "executor" in f),
     ("aten op execution", lambda f, n: "torch/" in f),
     ("resolve args + op lookup", lambda f, n: n in ("_resolve", "_get", "_lookup_op", "<listcomp>", "<dictcomp>")),
     ("store / free / memory ledger", lambda f, n: n in ("_store", "_free", "memory_used", "memory_peak") or "memory.py" in f),

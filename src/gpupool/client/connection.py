@@ -51,7 +51,7 @@ from gpupool.errors import (
 from gpupool.netaddr import parse_host_port
 from gpupool.protocol import messages as m
 from gpupool.protocol.version import PROTOCOL_VERSION
-from gpupool.torchcodec import DTYPES
+from gpupool.torchcodec import reply_ext_hook
 
 if TYPE_CHECKING:
     from gpupool.client.replay import Replayer
@@ -122,17 +122,7 @@ def _user_location() -> tuple[str, int] | None:
     return None
 
 
-def _reply_ext_hook(code: int, data: memoryview) -> Any:
-    """The protocol's reply extensions, with dtypes as torch dtypes."""
-    v = m.reply_ext_hook(code, data)
-    if isinstance(v, m.DtypeName):
-        if v not in DTYPES:
-            raise msgspec.ValidationError(f"dtype {v!r} does not exist in this torch")
-        return DTYPES[v]
-    return v
-
-
-_reply_decoder = m.make_decoder(m.ServerMessage, ext_hook=_reply_ext_hook)
+_reply_decoder = m.make_decoder(m.ServerMessage, ext_hook=reply_ext_hook)
 
 
 def parse_address(address: str) -> tuple[str, int]:

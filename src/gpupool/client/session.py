@@ -218,37 +218,6 @@ def _close_all() -> None:
 
 def _make_encoder() -> msgspec.msgpack.Encoder:
     from gpupool.client.tensor import RemoteTensor
-    from gpupool.torchcodec import DTYPE_TO_NAME, LAYOUT_TO_NAME, MEMORY_FORMAT_TO_NAME
+    from gpupool.torchcodec import arg_encoder
 
-    Ext = msgspec.msgpack.Ext
-    handle = m.HANDLE.pack
-    dtypes = {d: Ext(m.ExtCode.DTYPE, n.encode()) for d, n in DTYPE_TO_NAME.items()}
-    formats = {f: Ext(m.ExtCode.MEMORY_FORMAT, n.encode()) for f, n in MEMORY_FORMAT_TO_NAME.items()}
-    layouts = {f: Ext(m.ExtCode.LAYOUT, n.encode()) for f, n in LAYOUT_TO_NAME.items()}
-    device = Ext(m.ExtCode.DEVICE, b"")
-
-    def enc_hook(obj: Any) -> Any:
-        if isinstance(obj, RemoteTensor):
-            return Ext(m.ExtCode.TENSOR, handle(obj._h.id))
-        if isinstance(obj, torch.dtype):
-            return dtypes[obj]
-        if isinstance(obj, torch.device):
-            return device
-        if isinstance(obj, torch.memory_format):
-            return formats[obj]
-        if isinstance(obj, torch.layout):
-            if obj not in layouts:
-                raise TypeError(f"layout {obj} is not supported on a gpupool device")
-            return layouts[obj]
-        if isinstance(obj, complex):
-            return Ext(m.ExtCode.COMPLEX, m.COMPLEX.pack(obj.real, obj.imag))
-        if isinstance(obj, torch.Tensor):
-            if obj.dim() == 0 and obj.device.type == "cpu":
-                raw = bytes(obj.detach().reshape(1).view(torch.uint8).numpy()) if obj.dtype.itemsize else b""
-                return Ext(m.ExtCode.CPU_TENSOR, msgspec.msgpack.encode((DTYPE_TO_NAME[obj.dtype], [], raw)))
-            raise TypeError(f"a {obj.device} tensor of shape {tuple(obj.shape)} cannot be an argument of a gpupool op")
-        if isinstance(obj, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            raise TypeError("symbolic sizes are not supported on a gpupool device")
-        raise TypeError(f"cannot send a {type(obj).__name__} to a gpupool server")
-
-    return msgspec.msgpack.Encoder(enc_hook=enc_hook)
+    return arg_encoder(RemoteTensor, lambda t: t._h.id)

@@ -27,10 +27,9 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import torch
 
-from gpupool import wholeops
+from gpupool import torchcodec, wholeops
 from gpupool.errors import ProtocolError, ServerLost
 from gpupool.protocol import messages as m
 from gpupool.protocol.framing import FrameReader, FrameWriter
@@ -38,7 +37,7 @@ from gpupool.server.memory import Budget
 from gpupool.server.oppolicy import TYPED_KINDS, OpDenied, OpPolicy, OpSpec, out_growth
 from gpupool.server.sanitisers import Bound, SanitiserRefused
 from gpupool.server.traces import ReplayRefused, SessionTraces, template_ext_hook
-from gpupool.torchcodec import DTYPE_TO_NAME, DTYPES, LAYOUTS, MEMORY_FORMATS, host_bytes
+from gpupool.torchcodec import DTYPE_TO_NAME, DTYPES, host_bytes
 from gpupool.units import format_bytes
 
 log = logging.getLogger("gpupool.server")
@@ -57,14 +56,6 @@ class OpFailed(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def _ext_payload_name(data: memoryview, allowed: dict[str, Any], what: str) -> Any:
-    try:
-        name = bytes(data[:64]).decode("ascii")
-        return allowed[name]
-    except (UnicodeDecodeError, KeyError):
-        raise msgspec.ValidationError(f"unknown {what} {bytes(data)[:40]!r}") from None
 
 
 def _in_bounds(t: torch.Tensor) -> bool:
@@ -125,9 +116,10 @@ class Executor:
         self.policy = policy or OpPolicy()
         self._specs = self.policy.specs  # the policy's cache, read here without a call per op
         self.ran = record  # if given: where the canonical names of the ops that ran are added
-        self.decoder = m.make_decoder(m.Batch, ext_hook=self._ext_hook)
-        self.encoder = m.make_encoder(enc_hook=self._enc_hook)
-        template = m.make_decoder(tuple[list[Any], dict[str, Any]], ext_hook=template_ext_hook(self._ext_hook))
+        args = torchcodec.arg_ext_hook(Ref, device)
+        self.decoder = m.make_decoder(m.Batch, ext_hook=args)
+        self.encoder = m.make_encoder(enc_hook=torchcodec.result_enc_hook)
+        template = m.make_decoder(tuple[list[Any], dict[str, Any]], ext_hook=template_ext_hook(args))
         self._saved: dict[int, int] = {}  # context handle -> saved tensors counted (`_count_saved`)
         self.traces = SessionTraces(self._spec, template.decode, self._check_args, Ref, OpFailed)
 
@@ -136,64 +128,6 @@ class Executor:
         return self.budget.limit
 
     # ---- decoding ---------------------------------------------------------------------------
-
-    def _ext_hook(self, code: int, data: memoryview) -> Any:
-        if code == m.ExtCode.TENSOR:
-            if len(data) != 8:
-                raise msgspec.ValidationError("bad tensor reference")
-            return Ref(m.HANDLE.unpack(data)[0])
-        if code == m.ExtCode.DTYPE:
-            return _ext_payload_name(data, DTYPES, "dtype")
-        if code == m.ExtCode.DEVICE:
-            if len(data):
-                raise msgspec.ValidationError("bad device")
-            return self.device
-        if code == m.ExtCode.MEMORY_FORMAT:
-            return _ext_payload_name(data, MEMORY_FORMATS, "memory format")
-        if code == m.ExtCode.LAYOUT:
-            return _ext_payload_name(data, LAYOUTS, "layout")
-        if code == m.ExtCode.COMPLEX:
-            if len(data) != m.COMPLEX.size:
-                raise msgspec.ValidationError("bad complex")
-            re_, im = m.COMPLEX.unpack(data)
-            return complex(re_, im)
-        if code == m.ExtCode.CPU_TENSOR:
-            return self._decode_cpu_tensor(data)
-        raise msgspec.ValidationError(f"unknown extension type {code}")
-
-    @staticmethod
-    def _decode_cpu_tensor(data: memoryview) -> torch.Tensor:
-        try:
-            return Executor._cpu_tensor(data)
-        except msgspec.ValidationError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure here is a malformed message
-            raise msgspec.ValidationError(f"bad inline tensor: {e}") from None
-
-    @staticmethod
-    def _cpu_tensor(data: memoryview) -> torch.Tensor:
-        if len(data) > m.MAX_EXT_BYTES:
-            raise msgspec.ValidationError("inline tensor too large")
-        dtype_name, shape, raw = msgspec.msgpack.decode(data, type=tuple[str, list[int], bytes])
-        dtype = DTYPES.get(dtype_name)
-        if dtype is None or any(s < 0 for s in shape) or len(shape) > 64:
-            raise msgspec.ValidationError("bad inline tensor")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel * dtype.itemsize != len(raw):
-            raise msgspec.ValidationError("inline tensor size mismatch")
-        if numel == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
-
-    @staticmethod
-    def _enc_hook(obj: Any) -> Any:
-        if isinstance(obj, complex):
-            return msgspec.msgpack.Ext(m.ExtCode.COMPLEX, m.COMPLEX.pack(obj.real, obj.imag))
-        if isinstance(obj, torch.dtype):
-            return msgspec.msgpack.Ext(m.ExtCode.DTYPE, DTYPE_TO_NAME[obj].encode())
-        raise TypeError(f"cannot encode {type(obj).__name__}")
 
     # ---- the handle table -------------------------------------------------------------------
 
