@@ -169,6 +169,10 @@ def test_malformed_rnn_ops_fail_cleanly(srv, healthy, victim) -> None:
         ([0, x, [h, h], [w_ih, w_hh, b, b], True, 1, 0.0, True, False, False, [False] * 2], "need_grad has 2 flags"),
         ([0, x, [h, h], [w_ih, w_hh, b, b], True, 1, 5.0, True, False, False, [False] * 7], "dropout must be in"),
         ([0, x, [h, h], [w_ih, w_hh, b, b], True, 100, 0.0, True, False, False, [False] * 7], "num_layers must be"),
+        # Types the schema would refuse (the server calls the implementation directly).
+        (["lstm", x, [h, h], [w_ih, w_hh, b, b], True, 1, 0.0, True, False, False, [False] * 7], "wrong types"),
+        ([0, x, [h, h], [w_ih, w_hh, b, b], True, 1, 0.0, True, False, False, [0] * 7], "wrong types"),
+        ([0, x, h, [w_ih, w_hh, b, b], True, 1, 0.0, True, False, False, [False] * 7], "wrong types"),
     ]
     for args, expect in bad_cases:
         conn.op("gpupool::rnn", args, {}, [conn.new_handle(), conn.new_handle(), conn.new_handle(), conn.new_handle()])

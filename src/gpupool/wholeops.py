@@ -172,9 +172,10 @@ def _with_graph(tensors: list[torch.Tensor | None], need_grad: list[bool], run: 
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        # Note: detached, so a saved output holds no reference back to its own graph (a cycle
-        # that Python's collector cannot see through autograd's C++ nodes).
-        d = t.detach()
+        # Note: a saved result of the graph is kept detached, so that it holds no reference back
+        # to its own graph (a cycle that Python's collector cannot see through autograd's C++
+        # nodes); leaves have no graph to hold.
+        d = t if t.grad_fn is None else t.detach()
         saved.append(d)
         return d
 
@@ -260,6 +261,37 @@ def _rnn_meta(kind: int, input: torch.Tensor, hx: list[torch.Tensor], params: li
 def _rnn_backward_meta(ctx: torch.Tensor, grads: list[torch.Tensor | None], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
 
+
+def _typed(fn: Any, *kinds: Any) -> Any:
+    """`fn` behind the type checks the dispatcher would make of its schema's arguments: the
+    executor calls it directly (`OpSpec.call`), with arguments decoded from the network."""
+    def ok(v: Any, kind: Any) -> bool:
+        if kind is _TENSORS or kind is _OPT_TENSORS or kind is _BOOLS:
+            inner = {_TENSORS: (torch.Tensor,), _OPT_TENSORS: (torch.Tensor, type(None)), _BOOLS: (bool,)}[kind]
+            return type(v) is list and all(isinstance(x, inner) for x in v)
+        if kind is int or kind is bool:
+            return type(v) is kind
+        if kind is float:
+            return type(v) is float or type(v) is int
+        return isinstance(v, kind)
+
+    def run(*args: Any) -> Any:
+        if len(args) != len(kinds) or not all(ok(v, k) for v, k in zip(args, kinds)):
+            raise TypeError(f"arguments of the wrong types for {fn.__name__.lstrip('_')}")
+        return fn(*args)
+
+    return run
+
+
+_TENSORS, _OPT_TENSORS, _BOOLS = object(), object(), object()
+_T, _OPT = torch.Tensor, (torch.Tensor, type(None))
+
+#: The server's implementations by op name, called by the executor directly (`OpSpec.call`).
+DIRECT = {
+    "gpupool::rnn": _typed(_rnn, int, _T, _TENSORS, _TENSORS, bool, int, float, bool, bool, bool, _BOOLS),
+    "gpupool::rnn_cell": _typed(_rnn_cell, int, _T, _TENSORS, _T, _T, _OPT, _OPT, _BOOLS),
+    "gpupool::rnn_backward": _typed(_rnn_backward, _T, _OPT_TENSORS, _TENSORS),
+}
 
 for _key in ("CPU", "CUDA"):
     _lib.impl("rnn", _rnn, _key)

@@ -275,7 +275,7 @@ class Executor:
                 raise self._oom(need)
         before = [_Snapshot(t) for _, t in written] if spec.grows else _NONE
         try:
-            result = spec.fn(*args, **kwargs)
+            result = spec.call(*args, **kwargs)
             if fixup is not None:
                 result = fixup(result)
         finally:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gpupool import wholeops  # noqa: F401 - defines the gpupool:: ops that specs resolve
+from gpupool import wholeops  # also defines the gpupool:: ops that specs resolve
 from gpupool.protocol.ops import Allowlist, check_op_name, load, syntax_error
 from gpupool.server import sanitisers
 from gpupool.server.estimates import ESTIMATORS, Estimator
@@ -94,10 +94,14 @@ class OpSpec:
     sanitise: sanitisers.Sanitiser | None
     checked: bool = False  # some argument needs a look before the op runs (`_check_args`)
     grows: bool = False  # may grow a written tensor's storage: snapshot it to roll back
+    #: What the executor calls: `fn`, or for gpupool's own ops their Python implementation
+    #: itself (the dispatcher would only box the arguments to call it back).
+    call: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checked", bool(self.typed or self.strings or self.generators))
         object.__setattr__(self, "grows", self.out or self.restrides)
+        object.__setattr__(self, "call", wholeops.DIRECT.get(self.name, self.fn))
 
     def arg(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """The value of argument `name` as the client passed it (None when absent)."""
