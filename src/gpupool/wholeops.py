@@ -21,6 +21,7 @@ counted against the share (`saved_tensors`, Note [One budget per lease] in serve
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -181,9 +182,11 @@ def _with_graph(tensors: list[torch.Tensor | None], need_grad: list[bool], run: 
 
     inputs = [x for x, n in zip(leaves, need_grad) if n and x is not None and x.requires_grad]
     grad = bool(inputs)
-    with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
-        res = run(leaves)
     first = next(t for t in tensors if t is not None)
+    # Only a CPU-backed server needs the list: on CUDA the caching allocator counts the graph.
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack) if grad and first.device.type != "cuda" else None
+    with torch.set_grad_enabled(grad), hooks or contextlib.nullcontext():
+        res = run(leaves)
     ctx = torch.empty(0, dtype=torch.uint8, device=first.device)
     if grad:
         setattr(ctx, _GRAPH, _Graph(list(res), inputs, saved))
