@@ -4,6 +4,7 @@ exactly eager's results, and a step that differs falls back without a wrong resu
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -335,3 +336,39 @@ def test_trace_limits_hold(srv, healthy) -> None:
     finally:
         c.close()
     assert_healthy(srv, healthy)
+
+
+def test_two_sessions_interleaved_each_replay_exactly(server) -> None:
+    """Two devices in one process, their steps interleaved: each session's ops only ever
+    match its own traces (Note [Replay fast path])."""
+    a = gpupool.connect(server.address, token=server.token)
+    b = gpupool.connect(server.address, token=server.token)
+    try:
+        def models(dev_a: Any, dev_b: Any) -> tuple[list[float], list[float]]:
+            torch.manual_seed(0)
+            ma, mb = MLP().to(dev_a), MLP().to(dev_b)
+            oa = torch.optim.SGD(ma.parameters(), lr=0.05, momentum=0.9, foreach=True)
+            ob = torch.optim.SGD(mb.parameters(), lr=0.05, momentum=0.9, foreach=True)
+            la, lb = [], []
+            for x, y in _batches(12):
+                oa.zero_grad()
+                ob.zero_grad()
+                # Both forwards before either backward: each session's replay is under way
+                # while the other's ops come (the fast path offers them to the wrong one first).
+                loss_a = F.cross_entropy(ma(x.to(dev_a)), y.to(dev_a))
+                loss_b = F.cross_entropy(mb(x.to(dev_b) * 2), y.to(dev_b))
+                loss_a.backward()
+                loss_b.backward()
+                oa.step()
+                ob.step()
+                la.append(loss_a.item())
+                lb.append(loss_b.item())
+            return la, lb
+
+        remote = models(a.device, b.device)
+        assert remote == models("cpu", "cpu")
+        assert a.replay_stats()["segments_replayed"] >= 5, a.replay_stats()
+        assert b.replay_stats()["segments_replayed"] >= 5, b.replay_stats()
+    finally:
+        a.close()
+        b.close()
