@@ -356,7 +356,7 @@ def test_two_sessions_interleaved_each_replay_exactly(server) -> None:
                 # Both forwards before either backward: each session's replay is under way
                 # while the other's ops come (the fast path offers them to the wrong one first).
                 loss_a = F.cross_entropy(ma(x.to(dev_a)), y.to(dev_a))
-                loss_b = F.cross_entropy(mb(x.to(dev_b) * 2), y.to(dev_b))
+                loss_b = F.cross_entropy(mb(x.to(dev_b)), y.to(dev_b))
                 loss_a.backward()
                 loss_b.backward()
                 oa.step()
@@ -369,6 +369,26 @@ def test_two_sessions_interleaved_each_replay_exactly(server) -> None:
         assert remote == models("cpu", "cpu")
         assert a.replay_stats()["segments_replayed"] >= 5, a.replay_stats()
         assert b.replay_stats()["segments_replayed"] >= 5, b.replay_stats()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_op_of_another_session_never_joins_a_replay(server) -> None:
+    """Two sessions running the same loop in lockstep number their replayed tensors alike: an
+    op of one that looks like the other's next trace op (same op, same value number) must not
+    be taken into the other's replay."""
+    a = gpupool.connect(server.address, token=server.token)
+    b = gpupool.connect(server.address, token=server.token)
+    try:
+        xa, xb = torch.full((4,), 2.0).to(a.device), torch.full((4,), 3.0).to(b.device)
+        got = []
+        for _ in range(8):
+            ya, yb = xa.exp(), xb.exp()
+            za, zb = ya.log(), yb.log()
+            got.append((za.sum().item(), zb.sum().item()))
+        assert got == [(8.0, 12.0)] * 8
+        assert a.replay_stats()["segments_replayed"] >= 4 and b.replay_stats()["segments_replayed"] >= 4
     finally:
         a.close()
         b.close()
