@@ -303,3 +303,22 @@ def test_db_created_0600_and_holds_no_key(home: Path) -> None:
             assert meta["public_key"] == admin.get("/v1/public-key").json()["public_key"]
     finally:
         ctl.stop()
+
+
+def test_a_controller_gone_at_the_end_of_a_run_is_one_line_not_a_traceback(home: Path) -> None:
+    """`gpupool run` whose controller died before the command ended: the command's exit status
+    stands, and the lease it could not release is one warning (seen: a page of traceback)."""
+    ctl, url = controller(home, free_port())
+    a, _ = server(home, url, "gpu-a")
+    try:
+        run, d = _run(home, url, "job", "-n", "1", "-p", "0.5")
+        wait_file(d / "pid", proc=run)
+        ctl.stop(signal.SIGKILL)
+        (d / "go").touch()
+        assert run.wait(120) == 0
+        out = run.stdout.read() if run.stdout else ""
+        assert "computed to the end" in out, out
+        assert "could not release lease" in out and "Traceback" not in out, out
+    finally:
+        a.stop()
+        ctl.stop()

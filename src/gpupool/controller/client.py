@@ -319,6 +319,12 @@ class LeaseRenewer:
                 self.client.release(self.lease["id"])
             except LeaseExpired:
                 pass  # it ended already: nothing to give back
+            except ControllerUnreachable as e:
+                # Note: the command is over either way; its GPU is freed when the server sees the
+                # hold connection close (Note [Hold connection] in launcher/hold.py) and reports
+                # it, or when the lease expires.
+                log.warning("could not release lease %s (%s); the server frees its GPU once it sees this "
+                            "command gone, the controller when the lease expires", self.lease["id"], e)
 
 
 class ServerAgent:
