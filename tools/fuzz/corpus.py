@@ -110,8 +110,52 @@ def seed_sessions() -> list[list[Frame]]:
                 m.Fetch(14), m.Fetch(18), m.Sync()]),
          frame([m.Upload(8, 1, "float32", [3, 4], [4, 1], 0, 48, True)], [b1]),
          frame([m.Op(9, "aten::relu_", [ref(1)], {}, [-1], True, [14, 15]), m.Sync()])],
+        # Step replay: a trace (templates with value, slot and scalar references), replays of
+        # it whole and in parts with frees at positions, a forget, a replay of the forgotten.
+        [frame([up1], [b1]),
+         frame([_trace_seed(), m.Replay(2, 1, 0, 2, (1 << 48), [1, 1], [0.5]),
+                m.Replay(3, 1, 0, 1, (1 << 48) + 8, [1, 1], [], [m.FreeAt(0, [1 << 48])]),
+                m.Replay(4, 1, 1, 2, (1 << 48) + 8, [], [2.0]), m.Fetch((1 << 48) + 9), m.Sync()]),
+         frame([m.Forget(1), m.Replay(5, 1, 0, 2, (1 << 48) + 16, [1, 1], [0.5]), m.Sync()])],
+        # gpupool's own ops: a whole LSTM layer forward and backward on uploaded weights.
+        [frame(*_rnn_seed())],
     ]
     return sessions
+
+
+def _template(args: list[Any], kwargs: dict[str, Any] | None = None) -> bytes:
+    return msgspec.msgpack.encode([args, kwargs or {}])
+
+
+def _trace_seed() -> m.Trace:
+    """add(slot0, slot1) -> v0; mul(v0, scalar0) -> v1."""
+    slot = [Ext(m.ExtCode.SLOT, m.HANDLE.pack(i)) for i in range(2)]
+    return m.Trace(1, [
+        m.TraceOp("aten::add.Tensor", _template([slot[0], slot[1]]), [0]),
+        m.TraceOp("aten::mul.Scalar", _template([Ext(m.ExtCode.VALUE, m.HANDLE.pack(0)),
+                                                 Ext(m.ExtCode.SCALAR, m.HANDLE.pack(0) + b"f")]), [1]),
+    ], 2)
+
+
+def _rnn_seed() -> tuple[list[Any], list[bytes]]:
+    """input (5, 2, 3), h0 and c0 (1, 2, 4), one layer of weights (16x3, 16x4, 16, 16)."""
+    shapes = [(31, [5, 2, 3]), (32, [1, 2, 4]), (33, [1, 2, 4]), (34, [16, 3]), (35, [16, 4]), (36, [16]), (37, [16])]
+    cmds: list[Any] = []
+    bufs: list[bytes] = []
+    for i, (h, shape) in enumerate(shapes):
+        n = 1
+        for d in shape:
+            n *= d
+        c, b = upload(20 + i, h, "float32", shape, struct.pack(f"<{n}f", *[(j % 7) * 0.1 for j in range(n)]))
+        cmds.append(c)
+        bufs.append(b)
+    need = [True, False, False, True, True, True, True]
+    cmds += [m.Op(40, "gpupool::rnn", [0, ref(31), [ref(32), ref(33)], [ref(h) for h in range(34, 38)],
+                                       True, 1, 0.0, True, False, False, need], {}, [41, 42, 43, 44]),
+             m.Op(41, "gpupool::rnn_backward", [ref(44), [ref(41), None, None], [ref(h) for h in (31, 34, 35, 36, 37)]],
+                  {}, [45, 46, 47, 48, 49]),
+             m.Fetch(45), m.Sync()]
+    return cmds, bufs
 
 
 def seed_streams() -> list[bytes]:
