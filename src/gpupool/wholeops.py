@@ -26,6 +26,11 @@ from typing import Any
 
 import torch
 
+
+class RnnArgumentError(ValueError):
+    """Arguments that are not those of a well-formed layer or cell: an op error, no bug."""
+
+
 #: `kind` of `gpupool::rnn`: the aten op it runs.
 KINDS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 LSTM = 0
@@ -48,33 +53,33 @@ def check_rnn(kind: int, input: torch.Tensor, hx: list[torch.Tensor], params: li
               has_biases: bool, num_layers: int, bidirectional: bool, batch_first: bool) -> None:
     """Raise ValueError unless the arguments are those of a well-formed layer of `KINDS[kind]`."""
     if not 0 <= kind < len(KINDS):
-        raise ValueError(f"rnn kind {kind} is not one of 0..{len(KINDS) - 1}")
+        raise RnnArgumentError(f"rnn kind {kind} is not one of 0..{len(KINDS) - 1}")
     if not 1 <= num_layers <= MAX_LAYERS:
-        raise ValueError(f"num_layers must be 1 to {MAX_LAYERS}, not {num_layers}")
+        raise RnnArgumentError(f"num_layers must be 1 to {MAX_LAYERS}, not {num_layers}")
     if input.dim() != 3:
-        raise ValueError(f"an rnn input has 3 dimensions, not {input.dim()}")
+        raise RnnArgumentError(f"an rnn input has 3 dimensions, not {input.dim()}")
     dtype, device = input.dtype, input.device
     if not dtype.is_floating_point:
-        raise ValueError(f"an rnn runs on floating-point tensors, not {dtype}")
+        raise RnnArgumentError(f"an rnn runs on floating-point tensors, not {dtype}")
     for t in (*hx, *params):
         if t.dtype != dtype or t.device != device:
-            raise ValueError("every tensor of an rnn must have the input's dtype and device")
+            raise RnnArgumentError("every tensor of an rnn must have the input's dtype and device")
     batch = input.shape[0] if batch_first else input.shape[1]
     dirs = 2 if bidirectional else 1
     lstm = kind == LSTM
     if len(hx) != (2 if lstm else 1):
-        raise ValueError(f"{KINDS[kind]} takes {2 if lstm else 1} hidden-state tensors, not {len(hx)}")
+        raise RnnArgumentError(f"{KINDS[kind]} takes {2 if lstm else 1} hidden-state tensors, not {len(hx)}")
     hidden = hx[-1].shape[-1] if hx[-1].dim() == 3 else -1  # the cell state's size for an LSTM
     out_size = hx[0].shape[-1] if hx[0].dim() == 3 else -1  # the projection's size (or hidden)
     for h, size in zip(hx, (out_size, hidden)):
         if tuple(h.shape) != (num_layers * dirs, batch, size):
-            raise ValueError(f"hidden state of shape {tuple(h.shape)}, expected {(num_layers * dirs, batch, size)}")
+            raise RnnArgumentError(f"hidden state of shape {tuple(h.shape)}, expected {(num_layers * dirs, batch, size)}")
     if hidden < 1 or out_size < 1:
-        raise ValueError("an rnn's hidden state needs 3 dimensions and a size of at least 1")
+        raise RnnArgumentError("an rnn's hidden state needs 3 dimensions and a size of at least 1")
     proj = lstm and out_size != hidden
     per = 2 + 2 * bool(has_biases) + int(proj)
     if len(params) != num_layers * dirs * per:
-        raise ValueError(f"{len(params)} weights for {num_layers} layers, expected {num_layers * dirs * per}")
+        raise RnnArgumentError(f"{len(params)} weights for {num_layers} layers, expected {num_layers * dirs * per}")
     gates = {0: 4, 1: 3}.get(kind, 1) * hidden
     shapes_of: list[tuple[int, ...]] = []
     for layer in range(num_layers):
@@ -87,22 +92,22 @@ def check_rnn(kind: int, input: torch.Tensor, hx: list[torch.Tensor], params: li
         shapes_of += want * dirs
     for p, shape in zip(params, shapes_of):
         if tuple(p.shape) != shape:
-            raise ValueError(f"an rnn weight of shape {tuple(p.shape)}, expected {shape}")
+            raise RnnArgumentError(f"an rnn weight of shape {tuple(p.shape)}, expected {shape}")
 
 
 def check_cell(kind: int, input: torch.Tensor, hx: list[torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
                b_ih: torch.Tensor | None, b_hh: torch.Tensor | None) -> None:
     """Raise ValueError unless the arguments are those of a well-formed cell of `KINDS[kind]`."""
     if not 0 <= kind < len(KINDS):
-        raise ValueError(f"rnn kind {kind} is not one of 0..{len(KINDS) - 1}")
+        raise RnnArgumentError(f"rnn kind {kind} is not one of 0..{len(KINDS) - 1}")
     lstm = kind == LSTM
     if len(hx) != (2 if lstm else 1):
-        raise ValueError(f"{KINDS[kind]}_cell takes {2 if lstm else 1} hidden-state tensors, not {len(hx)}")
+        raise RnnArgumentError(f"{KINDS[kind]}_cell takes {2 if lstm else 1} hidden-state tensors, not {len(hx)}")
     if input.dim() != 2 or any(h.dim() != 2 for h in hx):
-        raise ValueError("a cell's input and hidden state have 2 dimensions (batch, features)")
+        raise RnnArgumentError("a cell's input and hidden state have 2 dimensions (batch, features)")
     dtype, device = input.dtype, input.device
     if not dtype.is_floating_point:
-        raise ValueError(f"an rnn cell runs on floating-point tensors, not {dtype}")
+        raise RnnArgumentError(f"an rnn cell runs on floating-point tensors, not {dtype}")
     batch, hidden = input.shape[0], hx[0].shape[1]
     gates = {0: 4, 1: 3}.get(kind, 1) * hidden
     want: list[tuple[torch.Tensor | None, tuple[int, ...]]] = [
@@ -113,11 +118,11 @@ def check_cell(kind: int, input: torch.Tensor, hx: list[torch.Tensor], w_ih: tor
         if t is None:
             continue
         if t.dtype != dtype or t.device != device:
-            raise ValueError("every tensor of an rnn cell must have the input's dtype and device")
+            raise RnnArgumentError("every tensor of an rnn cell must have the input's dtype and device")
         if tuple(t.shape) != shape:
-            raise ValueError(f"an rnn cell tensor of shape {tuple(t.shape)}, expected {shape}")
+            raise RnnArgumentError(f"an rnn cell tensor of shape {tuple(t.shape)}, expected {shape}")
     if (b_ih is None) != (b_hh is None):
-        raise ValueError("an rnn cell has both biases or neither")
+        raise RnnArgumentError("an rnn cell has both biases or neither")
 
 
 def _call_cell(kind: int, input: torch.Tensor, hx: list[torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
@@ -167,7 +172,7 @@ def _with_graph(tensors: list[torch.Tensor | None], need_grad: list[bool], run: 
     """`run(leaves)` with autograd on for the tensors that need gradients; its results, and the
     context tensor that keeps its graph (`_GRAPH`)."""
     if len(need_grad) != len(tensors):
-        raise ValueError(f"need_grad has {len(need_grad)} flags for {len(tensors)} tensors")
+        raise RnnArgumentError(f"need_grad has {len(need_grad)} flags for {len(tensors)} tensors")
     leaves = [None if t is None else t.detach().requires_grad_(n and t.dtype.is_floating_point)
               for t, n in zip(tensors, need_grad)]
     saved: list[torch.Tensor] = []
@@ -199,7 +204,7 @@ def _rnn(kind: int, input: torch.Tensor, hx: list[torch.Tensor], params: list[to
          need_grad: list[bool]) -> tuple:
     check_rnn(kind, input, hx, params, has_biases, num_layers, bidirectional, batch_first)
     if not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be in [0, 1], not {dropout}")
+        raise RnnArgumentError(f"dropout must be in [0, 1], not {dropout}")
     n = len(hx)
 
     def run(v: list[Any]) -> tuple:
@@ -237,9 +242,9 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
 def _rnn_backward(ctx: torch.Tensor, grads: list[torch.Tensor | None], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     g = _graph_of(ctx)
     if g is None:
-        raise ValueError("gpupool::rnn_backward takes the context of a gpupool::rnn that recorded gradients")
+        raise RnnArgumentError("gpupool::rnn_backward takes the context of a gpupool::rnn that recorded gradients")
     if len(grads) != len(g.outputs) or len(inputs) != len(g.inputs):
-        raise ValueError(f"gpupool::rnn_backward takes {len(g.outputs)} gradients and {len(g.inputs)} inputs")
+        raise RnnArgumentError(f"gpupool::rnn_backward takes {len(g.outputs)} gradients and {len(g.inputs)} inputs")
     pairs = [(o, d) for o, d in zip(g.outputs, grads) if d is not None]
     found: tuple = (None,) * len(g.inputs)
     if pairs:
@@ -280,7 +285,7 @@ def _typed(fn: Any, *kinds: Any) -> Any:
 
     def run(*args: Any) -> Any:
         if len(args) != len(kinds) or not all(ok(v, k) for v, k in zip(args, kinds)):
-            raise TypeError(f"arguments of the wrong types for {fn.__name__.lstrip('_')}")
+            raise RnnArgumentError(f"arguments of the wrong types for {fn.__name__.lstrip('_')}")
         return fn(*args)
 
     return run

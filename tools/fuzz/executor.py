@@ -39,6 +39,7 @@ with atheris.instrument_imports(include=["gpupool"]):
     from gpupool.server.executor import Executor, OpFailed, _in_bounds
     from gpupool.server.memory import Budget, cap_process_data
     from gpupool.server.oppolicy import OpPolicy
+    from gpupool.wholeops import RnnArgumentError
 
 from tools.fuzz import corpus, mutate
 from tools.fuzz.common import (
@@ -109,10 +110,11 @@ def run_stream(data: bytes, policy: OpPolicy) -> tuple[Executor, FakeSocket, lis
     ex = Executor(DEVICE, Budget(DEVICE, LIMIT), policy)
     record = ex._record
 
-    def watched(seq: int, op: str, exc: BaseException) -> None:
-        if op not in HANDLED and not isinstance(exc, (OpFailed, MemoryError)) and _from_gpupool(exc):
+    def watched(seq: int, op: str, exc: BaseException, at: int = -1) -> None:
+        if (op not in HANDLED and not isinstance(exc, (OpFailed, MemoryError, RnnArgumentError))
+                and _from_gpupool(exc)):
             found.append(("internal", exc))
-        record(seq, op, exc)
+        record(seq, op, exc, at)
 
     ex._record = watched  # type: ignore[method-assign]
     try:

@@ -211,6 +211,8 @@ class Executor:
             kind, msg = exc.kind, text
         elif isinstance(exc, ReplayRefused):
             kind, msg = "protocol", text
+        elif isinstance(exc, wholeops.RnnArgumentError):
+            kind, msg = "op", text
         elif isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text:
             found = _ALLOC_BYTES.search(text)
             kind, msg = "oom", str(self._oom(int(found.group(1)) if found else None))
