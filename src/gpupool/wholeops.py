@@ -283,7 +283,9 @@ def _typed(fn: Any, *kinds: Any) -> Any:
             return type(v) is float or type(v) is int
         return isinstance(v, kind)
 
-    def run(*args: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise RnnArgumentError(f"{fn.__name__.lstrip('_')} takes its arguments by position")
         if len(args) != len(kinds) or not all(ok(v, k) for v, k in zip(args, kinds)):
             raise RnnArgumentError(f"arguments of the wrong types for {fn.__name__.lstrip('_')}")
         return fn(*args)
