@@ -392,3 +392,23 @@ def test_an_op_of_another_session_never_joins_a_replay(server) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_more_step_shapes_than_traces_kept_forget_the_oldest(fresh) -> None:
+    """A session keeps 16 traces: the 17th registration forgets the least recently used one
+    (on the server too), and a forgotten shape that comes back is learned again."""
+    from gpupool.client.replay import MAX_TRACES
+
+    def steps(n: int) -> list[float]:
+        out = []
+        for _ in range(3):
+            x = torch.arange(float(n)).to(fresh.device)
+            out.append((x * 2 + 1).sum().item())
+        return out
+
+    shapes = list(range(1, MAX_TRACES + 5)) + [1, 2]  # 1 and 2 were forgotten by then
+    got = [steps(n) for n in shapes]
+    assert got == [[float(n * n)] * 3 for n in shapes]
+    stats = fresh.replay_stats()
+    assert stats["traces_registered"] > MAX_TRACES and stats["traces_refused"] == 0, stats
+    assert len(fresh.conn.replayer.traces) == MAX_TRACES

@@ -533,7 +533,7 @@ class Replayer:
             self.stats["traces_refused"] += 1
             self._by_key[key] = Trace(0, [], 0, key)  # never retried
             return
-        if len([t for t in self.traces.values()]) >= MAX_TRACES:
+        if len(self.traces) >= MAX_TRACES:
             old = min(self.traces.values(), key=lambda t: t.used)
             del self.traces[old.id]
             del self._by_key[old.key]
