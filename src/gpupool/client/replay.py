@@ -241,7 +241,6 @@ class Replayer:
         self.base = 0
         self.chunk_start = 0
         self.chunk_t0 = 0.0
-        self.chunk_seq = 0
         self.slots: list[int] = []
         self.scalars: list[Any] = []
         self.frees: list[m.FreeAt] = []
