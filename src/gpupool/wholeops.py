@@ -270,13 +270,21 @@ def _rnn_backward_meta(ctx: torch.Tensor, grads: list[torch.Tensor | None], inpu
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
 
 
+class _ListOf:
+    """A `Tensor[]`, `Tensor?[]` or `bool[]` argument: a list of these types."""
+
+    __slots__ = ("types",)
+
+    def __init__(self, *types: type) -> None:
+        self.types = types
+
+
 def _typed(fn: Any, *kinds: Any) -> Any:
     """`fn` behind the type checks the dispatcher would make of its schema's arguments: the
     executor calls it directly (`OpSpec.call`), with arguments decoded from the network."""
     def ok(v: Any, kind: Any) -> bool:
-        if kind is _TENSORS or kind is _OPT_TENSORS or kind is _BOOLS:
-            inner = {_TENSORS: (torch.Tensor,), _OPT_TENSORS: (torch.Tensor, type(None)), _BOOLS: (bool,)}[kind]
-            return type(v) is list and all(isinstance(x, inner) for x in v)
+        if type(kind) is _ListOf:
+            return type(v) is list and all(isinstance(x, kind.types) for x in v)
         if kind is int or kind is bool:
             return type(v) is kind
         if kind is float:
@@ -293,8 +301,8 @@ def _typed(fn: Any, *kinds: Any) -> Any:
     return run
 
 
-_TENSORS, _OPT_TENSORS, _BOOLS = object(), object(), object()
 _T, _OPT = torch.Tensor, (torch.Tensor, type(None))
+_TENSORS, _OPT_TENSORS, _BOOLS = _ListOf(torch.Tensor), _ListOf(*_OPT), _ListOf(bool)
 
 #: The server's implementations by op name, called by the executor directly (`OpSpec.call`).
 DIRECT = {

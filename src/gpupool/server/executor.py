@@ -127,8 +127,6 @@ class Executor:
     def memory_limit(self) -> int:
         return self.budget.limit
 
-    # ---- decoding ---------------------------------------------------------------------------
-
     # ---- the handle table -------------------------------------------------------------------
 
     def _get(self, handle: int) -> torch.Tensor:
