@@ -73,7 +73,7 @@ MAX_PENDING = 512
 
 # Template leaf kinds (a leaf is a (kind, data) tuple).
 VALUE, EXTERNAL, SCALAR, CONST, LIST, NONE = range(6)
-_SCALAR_KINDS = {float: "f", int: "i", complex: "c"}
+_SCALAR_KINDS = {t: k for k, t in m.SCALAR_KINDS.items()}
 _CONST_TYPES = (bool, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 
@@ -193,7 +193,7 @@ def _wire(leaf: tuple, counters: list[int]) -> Any:
         return _Placeholder(m.ExtCode.SLOT, m.HANDLE.pack(counters[0] - 1))
     if kind == SCALAR:
         counters[1] += 1
-        return _Placeholder(m.ExtCode.SCALAR, m.HANDLE.pack(counters[1] - 1) + _SCALAR_KINDS[d].encode())
+        return _Placeholder(m.ExtCode.SCALAR, m.HANDLE.pack(counters[1] - 1) + _SCALAR_KINDS[d])
     if kind == CONST:
         return d[1]
     if kind == LIST:

@@ -39,6 +39,10 @@ class ExtCode:
     SCALAR = 10  # payload: u64 scalar number, then one kind byte: b"f" float, b"i" int, b"c" complex
 
 
+#: The kind byte of a `SCALAR` reference, and the Python type a replay must give it.
+SCALAR_KINDS: dict[bytes, type] = {b"f": float, b"i": int, b"c": complex}
+
+
 HANDLE = struct.Struct("<Q")
 COMPLEX = struct.Struct("<dd")
 #: Largest extension payload (an inline host tensor) a decoder accepts.

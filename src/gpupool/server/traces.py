@@ -28,7 +28,6 @@ from gpupool.server.oppolicy import OpSpec
 MAX_TRACES = 64
 MAX_TRACE_OPS = 32768
 MAX_SESSION_TRACE_OPS = 262144
-_SCALAR_TYPES: dict[bytes, type] = {b"f": float, b"i": int, b"c": complex}
 
 
 class TraceRefused(Exception):
@@ -71,7 +70,7 @@ def template_ext_hook(plain: Callable[[int, memoryview], Any]) -> Callable[[int,
             n = m.HANDLE.unpack(data)[0]
             return Val(n) if code == m.ExtCode.VALUE else Slot(n)
         if code == m.ExtCode.SCALAR:
-            kind = _SCALAR_TYPES.get(bytes(data[8:]))
+            kind = m.SCALAR_KINDS.get(bytes(data[8:]))
             if len(data) != 9 or kind is None:
                 raise msgspec.ValidationError("bad trace scalar")
             return Scalar(m.HANDLE.unpack(data[:8])[0], kind)
